@@ -1,0 +1,44 @@
+"""srigl-jax: SRigL (Structured RigL) dynamic sparse training in JAX.
+
+Masks are boolean pytrees alongside params; ``update_masks`` is pure and jit-able; ``apply_masks`` is an
+optax transform; ``sparse_apply`` runs one full sparse training update.
+"""
+
+from srigl_jax.algorithms import (
+    SET,
+    DynamicSparsity,
+    MaskUpdateInfo,
+    RigL,
+    SRigL,
+    Static,
+    any_nonfinite,
+)
+from srigl_jax.metrics import init_itop, itop_rate, sparsity_metrics, update_itop
+from srigl_jax.optim import SparseApplyResult, apply_masks, reset_optimizer_state, sparse_apply
+from srigl_jax.paths import path_str
+from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, LayerPlan, layer_sparsities
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DENSE_PATHS",
+    "DEFAULT_SPARSE_PATTERN",
+    "DynamicSparsity",
+    "LayerPlan",
+    "MaskUpdateInfo",
+    "RigL",
+    "SET",
+    "SRigL",
+    "SparseApplyResult",
+    "Static",
+    "any_nonfinite",
+    "apply_masks",
+    "init_itop",
+    "itop_rate",
+    "layer_sparsities",
+    "path_str",
+    "reset_optimizer_state",
+    "sparse_apply",
+    "sparsity_metrics",
+    "update_itop",
+]

@@ -1,0 +1,122 @@
+"""One layer's mask update, in the "rows" layout: a (n_neurons, fan_in) array, one row per neuron.
+
+These are the spec's steps (../SRIGL_SPEC.md, "One mask update of one layer") as pure functions of
+scores (non-negative float32, see ``selection.magnitude_score``) and the current boolean mask.
+SRigL, RigL and SET all go through ``top_n_mask`` / ``row_top_count_mask``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from srigl_jax.plans import LayerPlan
+from srigl_jax.selection import kth_largest, row_top_count_mask, top_n_mask
+
+
+def to_rows(x: jax.Array) -> jax.Array:
+    """Kernel (..., n_neurons) -> (n_neurons, fan_in)."""
+    return x.reshape(-1, x.shape[-1]).T
+
+
+def from_rows(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of ``to_rows``."""
+    return x.T.reshape(shape)
+
+
+def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(n_prune, n_keep) with n_prune = floor(nnz * d) (spec step 1)."""
+    n_active = jnp.sum(mask, dtype=jnp.int32)
+    n_prune = jnp.floor(n_active.astype(jnp.float32) * drop_frac).astype(jnp.int32)
+    return n_prune, n_active - n_prune
+
+
+def salience_threshold(gamma_sal: float, k0: int) -> int:
+    """theta = max(1, floor(gamma_sal * k0)); gamma_sal >= 1 is an absolute count (spec step 4)."""
+    if gamma_sal >= 1:
+        return int(gamma_sal)
+    return max(1, int(math.floor(gamma_sal * k0)))
+
+
+def srigl_max_fan_in(plan: LayerPlan, ablate: bool) -> int:
+    """Static upper bound on k' (bounds the per-row top_k width)."""
+    if not ablate:
+        return plan.k0
+    return min(plan.fan_in, plan.nnz_budget // plan.min_active)
+
+
+def srigl_active_neurons(
+    w_score: jax.Array,
+    g_score: jax.Array,
+    mask: jax.Array,
+    n_prune: jax.Array,
+    n_keep: jax.Array,
+    theta: int,
+    min_active: int,
+) -> jax.Array:
+    """Neurons that survive ablation (spec steps 2-5): salient count >= theta, lowered if needed so
+    that at least ``min_active`` neurons survive."""
+    salient = top_n_mask(w_score, mask, n_keep) | top_n_mask(
+        g_score, jnp.ones_like(mask), n_prune
+    )
+    counts = jnp.sum(salient, axis=1, dtype=jnp.int32)
+    floor_theta = kth_largest(counts, min_active)
+    return counts >= jnp.minimum(theta, floor_theta)
+
+
+def srigl_layer_mask(
+    w_score: jax.Array,
+    g_score: jax.Array,
+    mask: jax.Array,
+    drop_frac: jax.Array,
+    plan: LayerPlan,
+    gamma_sal: float | None,
+) -> jax.Array:
+    """SRigL update of one layer (rows layout). Returns the new mask: every surviving neuron has
+    exactly k' = floor(T / survivors) active weights, ablated neurons none.
+
+    ``gamma_sal=None`` (or a non-ablatable layer) disables ablation: k' = k0 for every neuron.
+    """
+    ablate = gamma_sal is not None and plan.ablatable
+    n_prune, n_keep = prune_counts(mask, drop_frac)
+    if ablate:
+        active = srigl_active_neurons(
+            w_score, g_score, mask, n_prune, n_keep,
+            salience_threshold(gamma_sal, plan.k0), plan.min_active,
+        )
+    else:
+        active = jnp.ones(mask.shape[0], bool)
+    k_new = plan.nnz_budget // jnp.sum(active, dtype=jnp.int32)
+    k_max = srigl_max_fan_in(plan, ablate)
+    # Step 7: global magnitude drop among surviving neurons, then cap each neuron at k'.
+    keep = top_n_mask(w_score, mask & active[:, None], n_keep)
+    kept_per_row = jnp.minimum(jnp.sum(keep, axis=1, dtype=jnp.int32), k_new)
+    keep = row_top_count_mask(w_score, keep, kept_per_row, k_max)
+    # Step 8: each survivor regrows its largest-|grad| inactive positions up to exactly k'.
+    need = jnp.where(active, k_new - jnp.sum(keep, axis=1, dtype=jnp.int32), 0)
+    grow = row_top_count_mask(g_score, ~keep, need, k_max)
+    return keep | grow
+
+
+def unstructured_layer_mask(
+    w_score: jax.Array, grow_score: jax.Array, mask: jax.Array, drop_frac: jax.Array
+) -> jax.Array:
+    """RigL / SET update of one layer: drop the n_prune smallest |w|, grow the n_prune best-scored
+    positions among the rest (|grad| for RigL, random for SET). nnz is preserved exactly."""
+    n_prune, n_keep = prune_counts(mask, drop_frac)
+    keep = top_n_mask(w_score, mask, n_keep)
+    return keep | top_n_mask(grow_score, ~keep, n_prune)
+
+
+def constant_fan_in_mask(key: jax.Array, n_neurons: int, fan_in: int, k: int) -> jax.Array:
+    """Random mask (rows layout) with exactly k distinct positions per neuron, uniformly at random."""
+    scores = jax.random.uniform(key, (n_neurons, fan_in))
+    return row_top_count_mask(scores, jnp.ones_like(scores, bool), jnp.full((n_neurons,), k), k)
+
+
+def uniform_random_mask(key: jax.Array, n_neurons: int, fan_in: int, nnz: int) -> jax.Array:
+    """Random mask (rows layout) with exactly nnz positions over the whole layer."""
+    scores = jax.random.uniform(key, (n_neurons, fan_in))
+    return top_n_mask(scores, jnp.ones_like(scores, bool), nnz)

@@ -1,0 +1,122 @@
+"""Optax integration: the mask-applying transform, optimizer-state reset, and one sparse step."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from srigl_jax.algorithms import DynamicSparsity, MaskUpdateInfo, check_same_structure
+
+PyTree = Any
+
+
+def apply_masks() -> optax.GradientTransformationExtraArgs:
+    """Optax transform that makes ``optax.apply_updates`` land inactive weights exactly on 0.
+
+    Masks are passed as an extra argument: ``tx.update(grads, state, params, masks=masks)``. Where a
+    mask is False the update becomes ``-params`` (so ``params + update == 0`` exactly), or 0 when
+    ``params`` is not given. Put it last in an ``optax.chain``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(optax.sgd(1.0), apply_masks())
+    >>> p = jnp.array([1.0, 2.0]); m = jnp.array([True, False])
+    >>> u, _ = tx.update(jnp.array([0.5, 0.5]), tx.init(p), p, masks=m)
+    >>> optax.apply_updates(p, u).tolist()
+    [0.5, 0.0]
+    """
+
+    def init_fn(params: PyTree) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+        del extra_args
+        if masks is None:
+            raise ValueError("apply_masks() needs the masks: call tx.update(grads, state, params, masks=masks)")
+        check_same_structure(updates, masks, "masks", same_shapes=True)
+        if params is None:
+            masked = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, masks)
+        else:
+            masked = jax.tree.map(lambda u, m, p: jnp.where(m, u, -p.astype(u.dtype)), updates, masks, params)
+        return masked, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def reset_optimizer_state(
+    tx: optax.GradientTransformation, opt_state: PyTree, old_masks: PyTree, new_masks: PyTree
+) -> PyTree:
+    """Zero every per-parameter optimizer-state entry (momentum, Adam moments, ...) that is not active in
+    both ``old_masks`` and ``new_masks``: newly grown weights start with fresh state.
+
+    Works for any optax optimizer (chains, ``inject_hyperparams``, ...) through
+    ``optax.tree_map_params``; non-parameter state (counts, hyperparameters) is untouched.
+    """
+    kept = jax.tree.map(jnp.logical_and, old_masks, new_masks)
+
+    def reset(state_leaf, kept_leaf):
+        if not hasattr(state_leaf, "shape") or state_leaf.shape != kept_leaf.shape:
+            return state_leaf  # e.g. optax.MaskedNode or a factored statistic
+        return jnp.where(kept_leaf, state_leaf, jnp.zeros((), state_leaf.dtype))
+
+    return optax.tree_map_params(tx, reset, opt_state, kept, transform_non_params=lambda x: x)
+
+
+class SparseApplyResult(NamedTuple):
+    """Output of ``sparse_apply``."""
+
+    params: PyTree
+    opt_state: PyTree
+    masks: PyTree
+    grad_acc: PyTree | None
+    info: MaskUpdateInfo
+
+
+def sparse_apply(
+    algo: DynamicSparsity,
+    tx: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+    masks: PyTree,
+    grads: PyTree,
+    key: jax.Array,
+    step: jax.Array,
+    grad_acc: PyTree | None = None,
+    skip_nonfinite: bool = True,
+) -> SparseApplyResult:
+    """One sparse training update, jit-able with a traced ``step``.
+
+    1. growth gradients: ``grads``, or the window mean if a ``grad_acc`` (from
+       ``algo.init_grad_accumulator``) is given;
+    2. ``algo.update_masks`` (a no-op except on update steps);
+    3. optimizer state of weights not active before and after is reset to 0 (update steps only);
+    4. the optimizer step with ``masks=`` passed to the transform (use ``apply_masks()`` in ``tx``).
+    With ``skip_nonfinite`` a step whose grads or params hold NaN/Inf leaves params, masks and optimizer
+    state untouched (``info.nonfinite`` reports it), so one bad batch never poisons the run.
+    With several devices, pass grads already averaged across devices so masks agree everywhere.
+    """
+    growth = grads
+    if grad_acc is not None:
+        grad_acc = algo.accumulate_grads(grad_acc, grads, step)
+        growth = algo.averaged_grads(grad_acc)
+    new_params, new_masks, info = algo.update_masks_with_info(params, growth, masks, key, step)
+    new_opt_state = lax.cond(
+        info.updated,
+        lambda s: reset_optimizer_state(tx, s, masks, new_masks),
+        lambda s: s,
+        opt_state,
+    )
+    updates, new_opt_state = tx.update(grads, new_opt_state, new_params, masks=new_masks)
+    new_params = optax.apply_updates(new_params, updates)
+    if skip_nonfinite:
+        keep_old = info.nonfinite
+        new_params, new_opt_state, new_masks = jax.tree.map(
+            lambda old, new: jnp.where(keep_old, old, new),
+            (params, opt_state, masks),
+            (new_params, new_opt_state, new_masks),
+        )
+    return SparseApplyResult(new_params, new_opt_state, new_masks, grad_acc, info)
