@@ -69,10 +69,11 @@ def index_dtype_for(in_features: int) -> np.dtype:
     return np.dtype(np.int16) if in_features <= _INT16_MAX_FAN_IN else np.dtype(np.int32)
 
 
-def constant_fan_in(mask: np.ndarray, name: str = "layer") -> tuple[np.ndarray, int]:
+def constant_fan_in(mask: np.ndarray, name: str = "layer", pad: bool = False) -> tuple[np.ndarray, int]:
     """Validate a 2-D (in, out) mask and return (active neuron indices, k').
 
-    Raises ValueError if the active neurons (columns with any True) do not all have the same number of inputs.
+    Raises ValueError if the active neurons (columns with any True) do not all have the same number of inputs,
+    unless ``pad`` (then k' = the largest fan-in).
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -80,28 +81,32 @@ def constant_fan_in(mask: np.ndarray, name: str = "layer") -> tuple[np.ndarray, 
     counts = mask.sum(axis=0)
     active = np.flatnonzero(counts > 0).astype(np.int32)
     fan_ins = np.unique(counts[active])
-    if fan_ins.size > 1:
+    if fan_ins.size > 1 and not pad:
         raise ValueError(
             f"{name}: mask is not constant fan-in: active neurons have {fan_ins.size} different fan-ins "
             f"(min {fan_ins.min()}, max {fan_ins.max()}); condensed export needs every non-ablated neuron to "
-            "have exactly k' inputs (an SRigL mask, not RigL/SET/dense-masked)")
-    return active, int(fan_ins[0]) if fan_ins.size else 0
+            "have exactly k' inputs (an SRigL mask, not RigL/SET/dense-masked). After export_structured, "
+            "pass pad_fan_in=True (inputs from removed neurons were dropped).")
+    return active, int(fan_ins.max()) if fan_ins.size else 0
 
 
-def condense_kernel(kernel: Array, mask: Array, bias: Array | None = None, name: str = "layer") -> CondensedLinear:
-    """Condense one Dense-layout kernel (in, out) with its constant fan-in mask (host-side, not jit-able)."""
+def condense_kernel(kernel: Array, mask: Array, bias: Array | None = None, name: str = "layer",
+                    pad_fan_in: bool = False) -> CondensedLinear:
+    """Condense one Dense-layout kernel (in, out) with its constant fan-in mask (host-side, not jit-able).
+
+    ``pad_fan_in``: accept a varying fan-in by padding every neuron to the largest one with zero weights.
+    """
     kernel = np.asarray(kernel)
     mask = np.asarray(mask, dtype=bool)
     if kernel.shape != mask.shape:
         raise ValueError(f"{name}: kernel shape {kernel.shape} != mask shape {mask.shape}")
-    active, k = constant_fan_in(mask, name)
+    active, k = constant_fan_in(mask, name, pad_fan_in)
     n_in, n_out = kernel.shape
-    if active.size and k == 0:  # unreachable (active means count > 0) but keeps the invariant explicit
-        raise ValueError(f"{name}: active neurons with zero fan-in")
-    mask_t = mask.T[active]  # (n_active, in); np.nonzero walks rows in order -> indices sorted per neuron
-    rows, cols = np.nonzero(mask_t)
-    indices = cols.reshape(active.size, k)
-    values = kernel.T[active][rows, cols].reshape(active.size, k)
+    mask_t = mask.T[active]  # (n_active, in)
+    # A stable sort puts each neuron's active inputs first, in increasing order; padding (if any) follows
+    # and carries weight 0 because the kernel is multiplied by its mask.
+    indices = np.argsort(~mask_t, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis((kernel * mask).T[active], indices, axis=1)
     bias_full = np.zeros(n_out, kernel.dtype) if bias is None else np.asarray(bias)
     if bias_full.shape != (n_out,):
         raise ValueError(f"{name}: bias shape {bias_full.shape} != ({n_out},)")
@@ -238,28 +243,27 @@ def condensed_variables(layer: CondensedLinear) -> dict[str, Array]:
 
 
 class CondensedDense(nn.Module):
-    """Dense layer stored in condensed form. Use with params from :func:`export_condensed`.
+    """Dense layer stored in condensed form: params {values, indices, bias, active} from :func:`export_condensed`.
 
-    ``features`` = out width; ``in_features``/``n_active``/``fan_in`` only shape a fresh ``init``
-    (applying with exported params takes the shapes from the params).
+    Shapes come from the params it is applied with (a structured export may have changed the widths), so
+    ``features`` (output width), ``fan_in`` and ``n_active`` only shape a fresh ``init`` (zero weights).
     """
 
     features: int
-    in_features: int | None = None
     fan_in: int | None = None
     n_active: int | None = None
     backend: str = "auto"
 
     def _layer(self, in_features: int) -> CondensedLinear:
-        n_in = self.in_features or in_features
-        k = self.fan_in or n_in
+        k = self.fan_in or in_features
         n_act = self.n_active or self.features
-        dtype = index_dtype_for(n_in)
-        values = self.param("values", nn.initializers.zeros_init(), (n_act, k))
-        indices = self.param("indices", lambda _key: jnp.zeros((n_act, k), dtype))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        active = self.param("active", lambda _key: jnp.arange(n_act, dtype=jnp.int32))
-        return CondensedLinear(values, indices, bias, active, n_in, self.features)
+        dtype = index_dtype_for(in_features)
+        # self.variable (not self.param): no check against these init shapes when applied with exported params
+        values = self.variable("params", "values", lambda: jnp.zeros((n_act, k), jnp.float32)).value
+        indices = self.variable("params", "indices", lambda: jnp.zeros((n_act, k), dtype)).value
+        bias = self.variable("params", "bias", lambda: jnp.zeros((self.features,), jnp.float32)).value
+        active = self.variable("params", "active", lambda: jnp.arange(n_act, dtype=jnp.int32)).value
+        return CondensedLinear(values, indices, bias, active, in_features, int(bias.shape[0]))
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -337,13 +341,15 @@ def _as_2d(kernel: np.ndarray) -> np.ndarray:
 
 
 def export_condensed(params: Params, masks: Params, layers: Sequence[str] | None = None,
-                     condense_dense_layers: bool = False) -> Params:
+                     condense_dense_layers: bool = False, pad_fan_in: bool = False) -> Params:
     """Replace each constant fan-in layer's {kernel, bias} by condensed {values, indices, bias, active}.
 
     ``layers``: paths of the layers to condense (default: every dict holding a 'kernel'; layers whose mask
     is all True are kept dense unless ``condense_dense_layers``). Other params pass through. Conv kernels
     (kh, kw, in, out) are condensed over their kh*kw*in fan-in (run them with :class:`CondensedConv`).
-    Raises ValueError naming the layer if a mask is not constant fan-in. Host-side (not jit-able).
+    Raises ValueError naming the layer if a mask is not constant fan-in, unless ``pad_fan_in`` (needed after
+    :func:`export_structured`, which drops inputs from removed neurons: fan-ins then differ; shorter neurons
+    are padded with zero weights). Host-side (not jit-able).
     """
     params, masks = _as_plain_dict(params), _as_plain_dict(masks)
     out = params
@@ -353,29 +359,10 @@ def export_condensed(params: Params, masks: Params, layers: Sequence[str] | None
         if mask.all() and not condense_dense_layers:
             continue
         layer_params = _get(params, path)
-        cond = condense_kernel(_as_2d(kernel), _as_2d(mask), layer_params.get("bias"), name=path)
+        cond = condense_kernel(_as_2d(kernel), _as_2d(mask), layer_params.get("bias"), name=path,
+                               pad_fan_in=pad_fan_in)
         out = _set(out, path, condensed_variables(cond))
     return out
-
-
-def condensed_layers(condensed_params: Params) -> dict[str, CondensedLinear]:
-    """The :class:`CondensedLinear` of every condensed layer in an :func:`export_condensed` tree."""
-    found = {}
-
-    def walk(node: Params, prefix: str) -> None:
-        for key, value in node.items():
-            if not hasattr(value, "items"):
-                continue
-            if "values" in value and "indices" in value:
-                n_out = value["bias"].shape[0]
-                # in_features is not stored; the max index + 1 is a lower bound, exact checks happen at call
-                found[prefix + key] = CondensedLinear(value["values"], value["indices"], value["bias"],
-                                                      value["active"], -1, n_out)
-            else:
-                walk(value, prefix + key + "/")
-
-    walk(_as_plain_dict(condensed_params), "")
-    return found
 
 
 def _fold_removed_inputs(next_kernel: np.ndarray, next_bias: np.ndarray, removed: np.ndarray,

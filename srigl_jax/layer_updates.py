@@ -7,6 +7,7 @@ SRigL, RigL and SET all go through ``top_n_mask`` / ``row_top_count_mask``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -110,12 +111,14 @@ def unstructured_layer_mask(
     return keep | top_n_mask(grow_score, ~keep, n_prune)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def constant_fan_in_mask(key: jax.Array, n_neurons: int, fan_in: int, k: int) -> jax.Array:
     """Random mask (rows layout) with exactly k distinct positions per neuron, uniformly at random."""
     scores = jax.random.uniform(key, (n_neurons, fan_in))
     return row_top_count_mask(scores, jnp.ones_like(scores, bool), jnp.full((n_neurons,), k), k)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def uniform_random_mask(key: jax.Array, n_neurons: int, fan_in: int, nnz: int) -> jax.Array:
     """Random mask (rows layout) with exactly nnz positions over the whole layer."""
     scores = jax.random.uniform(key, (n_neurons, fan_in))

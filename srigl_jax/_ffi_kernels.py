@@ -1,0 +1,160 @@
+"""Loading and registration of the optional C++ condensed-product kernel (srigl_jax/csrc, XLA FFI, CPU only).
+
+The shared library ``srigl_jax/_condensed_kernel*.so`` is compiled by ``pip install`` (setup.py, optional: a
+failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.condensed then uses
+its pure-XLA path. Environment:
+  SRIGL_JAX_CONDENSED_FORCE_XLA=1     never use the kernel (checked when a function is traced)
+  SRIGL_JAX_CONDENSED_MAX_THREADS=n   cap the kernel's threads (default: the XLA CPU thread pool + caller)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+import pathlib
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET_NAME = "srigl_condensed_matmul"
+MAX_THREADS_ENV = "SRIGL_JAX_CONDENSED_MAX_THREADS"
+_LIB_STEM = "_condensed_kernel"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def library_path() -> pathlib.Path | None:
+    """The compiled kernel next to this file, or None if the build did not produce it."""
+    here = pathlib.Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"{_LIB_STEM}{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load() -> dict[str, object]:
+    """Load and register the kernel once (thread-safe); records the failure reason instead of raising."""
+    with _lock:
+        if _state:
+            return _state
+        path = library_path()
+        if path is None:
+            _state.update(ok=False, reason="kernel not built (no srigl_jax/_condensed_kernel*.so; see setup.py)")
+            return _state
+        try:
+            lib = ctypes.CDLL(str(path))
+            jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(lib.SriglCondensedMatmul), platform="cpu")
+            lib.SriglCondensedIsa.restype = ctypes.c_char_p
+            isa = lib.SriglCondensedIsa().decode()
+            _smoke_test()
+            _state.update(ok=True, reason="", isa=isa, path=str(path), lib=lib)
+        except Exception as err:  # stale build, FFI ABI mismatch with this jaxlib, wrong answer: use XLA
+            _state.update(ok=False, reason=f"kernel at {path} unusable: {type(err).__name__}: {err}")
+        return _state
+
+
+def _smoke_test() -> None:
+    """Run the kernel once on a tiny layer (catches a build against an incompatible jaxlib)."""
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    values = np.array([[2.0, -1.0]], np.float32)
+    indices = np.array([[0, 2]], np.int16)
+    out = np.asarray(jax.jit(_ffi_call, static_argnums=5)(x, values, indices, np.array([0.5, 7.0], np.float32),
+                                                          np.array([1], np.int32), 2))
+    if not np.allclose(out, [[0.5, 2.0 - 3.0 + 7.0]]):
+        raise RuntimeError(f"smoke test gave {out}")
+
+
+def available() -> bool:
+    """True if the C++ kernel is built and registered with XLA."""
+    return bool(_load()["ok"])
+
+
+def unavailable_reason() -> str:
+    """Why the kernel cannot be used ('' if it can)."""
+    return str(_load()["reason"])
+
+
+def kernel_isa() -> str | None:
+    """The instruction-set variant the kernel runs ('avx512', 'avx2', 'generic'), None if unavailable."""
+    state = _load()
+    return str(state["isa"]) if state["ok"] else None
+
+
+def unsupported_reason(x, values, indices) -> str:
+    """'' if the kernel handles these operands, else why not (dtypes it does not implement)."""
+    if not available():
+        return unavailable_reason()
+    if x.ndim != 2 or values.ndim != 2 or indices.ndim != 2:
+        return "expects x (B, in), values and indices (n_active, k)"
+    if x.dtype != jnp.float32 or values.dtype != jnp.float32:
+        return f"kernel is float32 only (x {x.dtype}, values {values.dtype})"
+    if indices.dtype not in (jnp.int16, jnp.int32):
+        return f"kernel takes int16/int32 indices, got {indices.dtype}"
+    return ""
+
+
+def supports(x, values, indices) -> bool:
+    return unsupported_reason(x, values, indices) == ""
+
+
+def _max_threads() -> int:
+    raw = os.environ.get(MAX_THREADS_ENV, "0")
+    try:
+        return max(int(raw), 0)
+    except ValueError as err:
+        raise ValueError(f"{MAX_THREADS_ENV} must be an integer, got {raw!r}") from err
+
+
+def _ffi_call(x, values, indices, bias, active, out_features: int):
+    call = jax.ffi.ffi_call(
+        TARGET_NAME,
+        jax.ShapeDtypeStruct((x.shape[0], out_features), jnp.float32),
+        # The kernel writes the output transposed (its inner loops run along the batch); XLA transposes it back.
+        output_layouts=(1, 0),
+        vmap_method="sequential",
+    )
+    return call(x, values, indices, bias.astype(jnp.float32), active.astype(jnp.int32),
+                max_threads=np.int64(_max_threads()))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _condensed_matmul(x, values, indices, bias, active, out_features):
+    return _ffi_call(x, values, indices, bias, active, out_features)
+
+
+@_condensed_matmul.defjvp
+def _condensed_matmul_jvp(out_features, primals, tangents):
+    # Differentiate through the equivalent XLA formulation (the kernel itself is forward only).
+    from srigl_jax.condensed import CondensedLinear, condensed_linear
+
+    def xla(x, values, indices, bias, active):
+        layer = CondensedLinear(values, indices, bias, active, x.shape[1], out_features)
+        return condensed_linear(x, layer, backend="xla")
+
+    _, tangent_out = jax.jvp(xla, primals, tangents)
+    return _condensed_matmul(*primals, out_features), tangent_out
+
+
+def condensed_matmul_ffi(x, values, indices, bias, active, out_features: int):
+    """Full-width condensed product (B, in) -> (B, out) on the C++ kernel (CPU); ValueError if unsupported.
+
+    On a non-CPU backend this lowers to the pure-XLA path (lax.platform_dependent), so jit-ed code stays portable.
+    """
+    reason = unsupported_reason(x, values, indices)
+    if reason:
+        raise ValueError(f"condensed FFI kernel unavailable: {reason}")
+    from srigl_jax.condensed import CondensedLinear, condensed_linear
+
+    def xla(x, values, indices, bias, active):
+        layer = CondensedLinear(values, indices, bias, active, x.shape[1], out_features)
+        return condensed_linear(x, layer, backend="xla")
+
+    def cpu(x, values, indices, bias, active):
+        return _condensed_matmul(x, values, indices, bias, active, out_features)
+
+    return jax.lax.platform_dependent(x, values, indices, bias, active, cpu=cpu, default=xla)

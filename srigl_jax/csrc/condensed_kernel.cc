@@ -1,0 +1,196 @@
+// XLA FFI CPU kernel for the condensed product of srigl_jax.condensed:
+//   out[b, o] = bias[o] + sum_j V[r, j] * x[b, I[r, j]]   for o = active[r];   out[b, o] = bias[o] otherwise.
+// x (B, in) is packed per call into batch panels (in, <=64) so the inner loops walk contiguous batch slices;
+// the output is produced transposed (XLA honours the column-major output layout the Python side requests).
+// Thread safety: no mutable global state; each call owns its work state (shared with pool tasks by
+// shared_ptr so late-starting tasks never touch freed memory).
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace srigl_condensed {
+
+namespace generic {
+#include "condensed_kernel_impl.inc"
+}  // namespace generic
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SRIGL_HAVE_ISA_VARIANTS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2")
+namespace avx2 {
+#include "condensed_kernel_impl.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,prefer-vector-width=512")
+namespace avx512 {
+#define SRIGL_ISA_AVX512 1
+#include "condensed_kernel_impl.inc"
+#undef SRIGL_ISA_AVX512
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+using RowsFn = bool (*)(bool, const float*, const float*, int64_t, int64_t, const float*, const void*, int64_t,
+                        const int32_t*, const float*, float*, int64_t, int64_t);
+using PackFn = void (*)(const float*, int64_t, int64_t, float*);
+
+struct Isa {
+  RowsFn fn;
+  PackFn pack;
+  const char* name;
+};
+
+static Isa SelectIsa() {
+#ifdef SRIGL_HAVE_ISA_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    return {&avx512::RowsAnyIndex, &avx512::PackPanels, "avx512"};
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {&avx2::RowsAnyIndex, &avx2::PackPanels, "avx2"};
+#endif
+  return {&generic::RowsAnyIndex, &generic::PackPanels, "generic"};
+}
+
+static const Isa& GetIsa() {
+  static const Isa isa = SelectIsa();  // thread-safe static init
+  return isa;
+}
+
+struct Work {
+  RowsFn fn;
+  bool int16_indices;
+  const float* x;
+  const float* packed;
+  int64_t n_in, batch;
+  const float* values;
+  const void* indices;
+  int64_t k;
+  std::vector<int32_t> row_of;
+  const float* bias;
+  float* outT;
+  int64_t n_out, rows_per_chunk, n_chunks;
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int64_t> done_chunks{0};
+  std::atomic<bool> bad_index{false};
+
+  // Claim and run chunks until none is left.
+  void Drain() {
+    for (int64_t c = next_chunk.fetch_add(1); c < n_chunks; c = next_chunk.fetch_add(1)) {
+      const int64_t o0 = c * rows_per_chunk;
+      const int64_t o1 = std::min(n_out, o0 + rows_per_chunk);
+      if (fn(int16_indices, x, packed, n_in, batch, values, indices, k, row_of.data(), bias, outT, o0, o1)) {
+        bad_index.store(true, std::memory_order_relaxed);
+      }
+      done_chunks.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
+// Below this many multiply-adds a call runs on the calling thread (waking pool threads costs more).
+constexpr int64_t kMinWorkForThreads = 1 << 16;
+
+static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
+                                      ffi::AnyBuffer indices, ffi::Buffer<ffi::F32> bias,
+                                      ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::F32> out,
+                                      int64_t max_threads) {
+  const auto xd = x.dimensions();
+  const auto vd = values.dimensions();
+  const auto id = indices.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || vd.size() != 2 || id.size() != 2 || od.size() != 2 || bias.dimensions().size() != 1 ||
+      active.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("condensed_matmul: expected x (B, in), values/indices (n_active, k), "
+                                       "bias (out,), active (n_active,), out (B, out)");
+  }
+  const int64_t batch = xd[0], n_in = xd[1], n_active = vd[0], k = vd[1], n_out = od[1];
+  if (id[0] != n_active || id[1] != k || active.dimensions()[0] != n_active || od[0] != batch ||
+      bias.dimensions()[0] != n_out || n_active > n_out) {
+    return ffi::Error::InvalidArgument("condensed_matmul: inconsistent shapes");
+  }
+  const ffi::DataType idx_type = indices.element_type();
+  if (idx_type != ffi::DataType::S16 && idx_type != ffi::DataType::S32) {
+    return ffi::Error::InvalidArgument("condensed_matmul: indices must be int16 or int32");
+  }
+  if (n_in > INT32_MAX) return ffi::Error::InvalidArgument("condensed_matmul: more than 2^31 inputs");
+
+  auto work = std::make_shared<Work>();
+  work->fn = GetIsa().fn;
+  work->int16_indices = idx_type == ffi::DataType::S16;
+  work->x = x.typed_data();
+  work->n_in = n_in;
+  work->batch = batch;
+  work->values = values.typed_data();
+  work->indices = indices.untyped_data();
+  work->k = k;
+  work->bias = bias.typed_data();
+  work->outT = out->typed_data();
+  work->n_out = n_out;
+  work->row_of.assign(static_cast<size_t>(n_out), -1);
+  const int32_t* act = active.typed_data();
+  for (int64_t r = 0; r < n_active; ++r) {
+    const int32_t o = act[r];
+    if (o < 0 || o >= n_out || work->row_of[o] != -1) {
+      return ffi::Error::InvalidArgument("condensed_matmul: active neuron ids must be distinct and in [0, out)");
+    }
+    work->row_of[o] = static_cast<int32_t>(r);
+  }
+  if (batch == 0 || n_out == 0) return ffi::Error::Success();
+
+  // Batch panels (see PackPanels); reused across calls of this thread: a call finishes all its chunks
+  // before it returns, so no other thread reads this buffer afterwards.
+  thread_local std::vector<float> packed;
+  if (batch >= 4) {
+    packed.resize(static_cast<size_t>(batch * n_in));
+    GetIsa().pack(work->x, n_in, batch, packed.data());
+  }
+  work->packed = packed.data();
+
+  const int64_t pool_threads = pool.num_threads();
+  int64_t workers = 1 + std::max<int64_t>(pool_threads, 0);
+  if (max_threads > 0) workers = std::min(workers, max_threads);
+  if (n_active * k * batch < kMinWorkForThreads) workers = 1;
+  const int64_t chunks_wanted = workers == 1 ? 1 : workers * 4;
+  work->rows_per_chunk = std::max<int64_t>(1, (n_out + chunks_wanted - 1) / chunks_wanted);
+  work->n_chunks = (n_out + work->rows_per_chunk - 1) / work->rows_per_chunk;
+
+  for (int64_t t = 1; t < workers; ++t) {
+    pool.Schedule([work] { work->Drain(); });
+  }
+  work->Drain();
+  while (work->done_chunks.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
+
+  if (work->bad_index.load()) {
+    return ffi::Error::InvalidArgument("condensed_matmul: an index is outside [0, in_features)");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace srigl_condensed
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x, physically (in, B)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // values (n_active, k)
+                                  .Arg<ffi::AnyBuffer>()         // indices (n_active, k) int16 / int32
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias (out,)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // active (n_active,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out, physically (out, B)
+                                  .Attr<int64_t>("max_threads"));
+
+// Which instruction-set variant the kernel runs (for benchmark reports).
+extern "C" const char* SriglCondensedIsa() { return srigl_condensed::GetIsa().name; }
