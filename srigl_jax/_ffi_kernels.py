@@ -59,7 +59,27 @@ def _load() -> dict[str, object]:
 
 
 def _smoke_test() -> None:
-    """Run the kernel once on a tiny layer (catches a build against an incompatible jaxlib)."""
+    """Run the kernel once on a tiny layer (catches a build against an incompatible jaxlib).
+
+    Runs in a fresh thread: loading usually happens while a caller's function is being traced, and JAX's
+    trace state is per thread, so this small computation executes instead of being traced.
+    """
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(_smoke_result())
+        except Exception as err:  # reported to the loading thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, name="srigl-condensed-smoke-test")
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+
+
+def _smoke_result() -> None:
     x = np.array([[1.0, 2.0, 3.0]], np.float32)
     values = np.array([[2.0, -1.0]], np.float32)
     indices = np.array([[0, 2]], np.int16)

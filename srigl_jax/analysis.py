@@ -30,7 +30,7 @@ sign: ``beta = 1/n^2``, ``gamma = 0``)::
 so constant fan-in has the smallest variance, then constant-per-layer, then Bernoulli, and the gap
 grows as ``k`` shrinks. For Gaussian inputs and a square layer (m = n) with k << n::
 
-    Var_CF ~ (5 + 12 / k) / n,     Var_B ~ (5 + 18 / k) / n = 5 / n + (18 / n^2) * (n / k)
+    Var_CF ~ (5 + 12 / k) / n,     Var_B = 5 / n + 18 (n - k) / (n (n + 2) k) ~ 5 / n + (18 / n^2) * (n / k)
 
 i.e. the Bernoulli excess over the dense value 5/n is ``18 n / k`` in units of ``1 / n^2``: it grows with
 sparsity (``n / k``). **The paper prints both "18k/n" and "18n/k"; simulation (``simulate_output_norm_variance``,
@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srigl_jax.layer_updates import to_rows
+from srigl_jax.metrics import init_itop, itop_rate, update_itop
 from srigl_jax.paths import path_str
+from srigl_jax.plans import LayerPlan
 
 MASK_KINDS = ("bernoulli", "constant_per_layer", "constant_fan_in")
 INPUT_KINDS = ("gaussian", "sign")
@@ -124,40 +127,48 @@ def sample_mask(key: jax.Array, mask_kind: str, n_in: int, n_out: int, fan_in: i
     return jnp.zeros((n_in * n_out,), bool).at[idx].set(True).reshape(n_in, n_out)
 
 
-def _one_norm_ratio(key: jax.Array, mask_kind: str, n_in: int, n_out: int, fan_in: int,
-                    input_dist: str) -> jax.Array:
-    k_x, k_m, k_w = jax.random.split(key, 3)
+def _norm_ratios_one_trial(key: jax.Array, mask_kinds: tuple[str, ...], n_in: int, n_out: int, fan_in: int,
+                           input_dist: str) -> jax.Array:
+    """R for each mask kind, sharing one input and one weight matrix (common random numbers: the
+    differences between kinds are then estimated with less noise)."""
+    k_x, k_w, *k_masks = jax.random.split(key, 2 + len(mask_kinds))
     if input_dist == "gaussian":
         x = jax.random.normal(k_x, (n_in,))
     else:
         x = jax.random.rademacher(k_x, (n_in,), dtype=jnp.float32)
-    mask = sample_mask(k_m, mask_kind, n_in, n_out, fan_in)
-    w = jax.random.normal(k_w, (n_in, n_out)) * jnp.sqrt(2.0 / fan_in) * mask
-    z = jax.nn.relu(x @ w)
-    return (n_in / n_out) * jnp.sum(z * z) / jnp.sum(x * x)
-
-
-def output_norm_ratios(key: jax.Array, mask_kind: str, n_in: int, fan_in: int, n_out: int | None = None,
-                       n_trials: int = 10_000, input_dist: str = "gaussian",
-                       chunk: int = 1024) -> jax.Array:
-    """``n_trials`` independent samples of R (fresh mask, weights and input each), float32 (n_trials,).
-
-    Each trial draws a full weight matrix (no shortcut through the derivation), vmapped in chunks of
-    ``chunk`` trials to bound memory; deterministic given ``key``.
-    """
-    n_out = n_in if n_out is None else n_out
-    _check_layer(mask_kind, n_in, fan_in, n_out, input_dist)
-    if n_trials < 2:
-        raise ValueError(f"n_trials must be >= 2, got {n_trials}")
-    return _norm_ratios_jit(key, mask_kind, n_in, n_out, fan_in, input_dist, n_trials, chunk)
+    w = jax.random.normal(k_w, (n_in, n_out)) * jnp.sqrt(2.0 / fan_in)
+    ratios = []
+    for kind, k_m in zip(mask_kinds, k_masks):
+        z = jax.nn.relu(x @ (w * sample_mask(k_m, kind, n_in, n_out, fan_in)))
+        ratios.append((n_in / n_out) * jnp.sum(z * z) / jnp.sum(x * x))
+    return jnp.stack(ratios)
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
-def _norm_ratios_jit(key, mask_kind, n_in, n_out, fan_in, input_dist, n_trials, chunk):
+def _norm_ratios_jit(key, mask_kinds, n_in, n_out, fan_in, input_dist, n_trials, chunk):
     keys = jax.random.split(key, n_trials)
-    one = partial(_one_norm_ratio, mask_kind=mask_kind, n_in=n_in, n_out=n_out, fan_in=fan_in,
+    one = partial(_norm_ratios_one_trial, mask_kinds=mask_kinds, n_in=n_in, n_out=n_out, fan_in=fan_in,
                   input_dist=input_dist)
     return jax.lax.map(one, keys, batch_size=min(chunk, n_trials))
+
+
+def output_norm_ratios(key: jax.Array, n_in: int, fan_in: int, n_out: int | None = None,
+                       n_trials: int = 10_000, input_dist: str = "gaussian",
+                       mask_kinds: Sequence[str] = MASK_KINDS, chunk: int = 1024) -> dict[str, jax.Array]:
+    """{mask kind: ``n_trials`` independent samples of R}, float32.
+
+    Every trial draws a fresh input and a full weight matrix (no shortcut through the derivation), shared
+    by the mask kinds of that trial, and one fresh mask per kind; trials are vmapped in chunks of
+    ``chunk`` (bounded memory) under one jit. Deterministic given ``key``.
+    """
+    n_out = n_in if n_out is None else n_out
+    mask_kinds = tuple(mask_kinds)
+    for kind in mask_kinds:
+        _check_layer(kind, n_in, fan_in, n_out, input_dist)
+    if n_trials < 2:
+        raise ValueError(f"n_trials must be >= 2, got {n_trials}")
+    samples = _norm_ratios_jit(key, mask_kinds, n_in, n_out, fan_in, input_dist, n_trials, chunk)
+    return {kind: samples[:, i] for i, kind in enumerate(mask_kinds)}
 
 
 class VarianceEstimate(NamedTuple):
@@ -178,11 +189,12 @@ def variance_with_stderr(samples: np.ndarray | jax.Array) -> VarianceEstimate:
     return VarianceEstimate(var, math.sqrt(max(mu4 - var * var, 0.0) / t), float(s.mean()), t)
 
 
-def simulate_output_norm_variance(key: jax.Array, mask_kind: str, n_in: int, fan_in: int,
-                                  n_out: int | None = None, n_trials: int = 10_000,
-                                  input_dist: str = "gaussian") -> VarianceEstimate:
-    """Monte-Carlo Var[R] (with standard error) for one layer; compare with ``output_norm_variance``."""
-    return variance_with_stderr(output_norm_ratios(key, mask_kind, n_in, fan_in, n_out, n_trials, input_dist))
+def simulate_output_norm_variance(key: jax.Array, n_in: int, fan_in: int, n_out: int | None = None,
+                                  n_trials: int = 10_000, input_dist: str = "gaussian",
+                                  mask_kinds: Sequence[str] = MASK_KINDS) -> dict[str, VarianceEstimate]:
+    """{mask kind: Monte-Carlo Var[R] with standard error}; compare with ``output_norm_variance``."""
+    ratios = output_norm_ratios(key, n_in, fan_in, n_out, n_trials, input_dist, mask_kinds)
+    return {kind: variance_with_stderr(r) for kind, r in ratios.items()}
 
 
 def output_norm_variance_table(key: jax.Array, n_in: int, fan_ins: Sequence[int], n_out: int | None = None,
@@ -192,23 +204,25 @@ def output_norm_variance_table(key: jax.Array, n_in: int, fan_ins: Sequence[int]
     (mask_kind, n_in, n_out, fan_in, simulated, stderr, closed_form, z = (simulated - closed) / stderr)."""
     n_out = n_in if n_out is None else n_out
     rows = []
-    combos = [(kind, k) for k in fan_ins for kind in MASK_KINDS]
-    it: Iterable = combos
+    it: Iterable = list(fan_ins)
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(combos, desc=f"output-norm variance n={n_in}")
-    for i, (kind, k) in enumerate(it):
-        est = simulate_output_norm_variance(jax.random.fold_in(key, i), kind, n_in, k, n_out, n_trials, input_dist)
-        closed = output_norm_variance(kind, n_in, k, n_out, input_dist)
-        rows.append(dict(mask_kind=kind, n_in=n_in, n_out=n_out, fan_in=k, simulated=est.variance,
-                         stderr=est.stderr, closed_form=closed, z=(est.variance - closed) / est.stderr))
+        it = tqdm(it, desc=f"output-norm variance n={n_in}")
+    for k in it:
+        sims = simulate_output_norm_variance(jax.random.fold_in(key, k), n_in, k, n_out, n_trials, input_dist)
+        for kind, est in sims.items():
+            closed = output_norm_variance(kind, n_in, k, n_out, input_dist)
+            rows.append(dict(mask_kind=kind, n_in=n_in, n_out=n_out, fan_in=k, simulated=est.variance,
+                             stderr=est.stderr, closed_form=closed, z=(est.variance - closed) / est.stderr))
     return rows
 
 
 def bernoulli_excess_candidates(n_in: int, fan_in: int) -> dict[str, float]:
     """The two readings of the paper's Bernoulli excess over the dense variance 5/n (square layer,
-    Gaussian input), in absolute units: ``"18n/k"`` -> 18 n / (k n^2) = 18 / (n k) and
-    ``"18k/n"`` -> 18 k / (n n^2). Our exact excess is Var_B - 5/n (see ``output_norm_variance``)."""
+    Gaussian input), in absolute units: ``"18n/k"`` -> (18 / n^2) (n / k) = 18 / (n k) and
+    ``"18k/n"`` -> (18 / n^2) (k / n). The exact excess (from ``output_norm_variance``) is
+    Var_B - 5/n = 18 (n - k) / (n (n + 2) k), which is the ``18n/k`` reading up to O(k/n, 1/n) corrections;
+    simulation confirms it (tests/test_analysis.py)."""
     n, k = float(n_in), float(fan_in)
     return {"18n/k": 18.0 * (n / k) / n**2, "18k/n": 18.0 * (k / n) / n**2}
 
@@ -252,6 +266,8 @@ def output_positions(model: Any, variables: Mapping[str, Any], x: jax.Array, **a
         if "__call__" not in parts:
             continue
         module = "/".join(parts[: parts.index("__call__")])
+        if not module:  # the top-level module's own output
+            continue
         shape = leaf.shape
         positions[module + "/kernel"] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
     return positions
@@ -338,81 +354,43 @@ def flops_report(masks: Any, positions: Mapping[str, int], method: str = "srigl"
 
 
 def neuron_fan_in(mask: np.ndarray | jax.Array) -> np.ndarray:
-    """Fan-in (active inputs) of every neuron of one kernel mask; neuron = last axis, fan-in = the rest."""
+    """Fan-in (active inputs) of every neuron of one kernel mask (neuron = last axis, as in the core)."""
     m = np.asarray(mask)
     if m.ndim < 2:
         raise ValueError(f"expected a kernel mask with >= 2 dims, got shape {m.shape}")
-    return m.reshape(-1, m.shape[-1]).astype(bool).sum(axis=0)
+    return np.asarray(to_rows(jnp.asarray(m, bool)).sum(axis=1))
 
 
-def sparse_kernel_masks(masks: Any) -> dict[str, np.ndarray]:
-    """{path: mask} for the conv/linear kernels that are actually sparse (some entry False)."""
-    out = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(masks)[0]:
-        path = path_str(kp)
-        if is_linear_kernel(path, leaf) and not np.all(np.asarray(leaf)):
-            out[path] = np.asarray(leaf)
-    return out
+def fan_in_by_layer(masks: Any, plans: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:
+    """{path: per-neuron fan-in array} for the sparse (non-dense) layers of ``plans``.
 
-
-def fan_in_by_layer(masks: Any, paths: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """{path: per-neuron fan-in array} for the sparse kernels (or the given ``paths``)."""
-    kernels = sparse_kernel_masks(masks) if paths is None else _select(masks, paths)
-    return {p: neuron_fan_in(m) for p, m in kernels.items()}
-
-
-def _select(masks: Any, paths: Sequence[str]) -> dict[str, np.ndarray]:
-    flat = {path_str(kp): np.asarray(v) for kp, v in jax.tree_util.tree_flatten_with_path(masks)[0]}
-    missing = [p for p in paths if p not in flat]
+    The per-layer scalars (active neurons, max/min fan-in, active-neuron fraction) are in
+    ``srigl_jax.sparsity_metrics``; this gives the full per-neuron distribution for histograms.
+    """
+    flat = {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    missing = [p for p in plans if p not in flat]
     if missing:
-        raise KeyError(f"paths {missing} not in the mask tree; known: {sorted(flat)}")
-    return {p: flat[p] for p in paths}
+        raise KeyError(f"layers {missing} of the plans are not in the mask tree")
+    return {p: neuron_fan_in(flat[p]) for p, plan in plans.items() if not plan.is_dense}
 
 
-class NeuronStats(NamedTuple):
-    active: int           # neurons with at least one active input
-    total: int
-    fan_in_mean: float    # over active neurons
-    fan_in_std: float     # 0 for constant fan-in
-
-
-def neuron_stats(masks: Any, paths: Sequence[str] | None = None) -> dict[str, NeuronStats]:
-    """Active-neuron count and fan-in spread per sparse layer."""
-    out = {}
-    for path, fan in fan_in_by_layer(masks, paths).items():
-        act = fan[fan > 0]
-        out[path] = NeuronStats(int(act.size), int(fan.size), float(act.mean()) if act.size else 0.0,
-                                float(act.std()) if act.size else 0.0)
-    return out
-
-
-def active_neuron_fraction(masks: Any, paths: Sequence[str] | None = None) -> float:
-    """Fraction of neurons (over the chosen sparse layers) that still have an active input."""
-    stats = neuron_stats(masks, paths).values()
-    total = sum(s.total for s in stats)
-    if total == 0:
-        raise ValueError("no sparse kernels found in masks")
-    return sum(s.active for s in stats) / total
-
-
-def fan_in_histogram(masks: Any, paths: Sequence[str] | None = None, include_ablated: bool = False
+def fan_in_histogram(masks: Any, plans: Mapping[str, LayerPlan], include_ablated: bool = False
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram of per-neuron fan-in relative to the layer's mean active fan-in, pooled over layers.
+    """Histogram of per-neuron fan-in relative to each layer's mean active fan-in, pooled over sparse layers.
 
-    Returns (bin_centres, counts) with bins of width 0.05 on [0, 3]; a constant fan-in model puts every
-    neuron in the bin at 1.0. Relative units make layers of different size comparable.
+    Returns (bin_centres, counts) with bins of width 0.05 on [0, 3] (relative units make layers of
+    different size comparable); a constant fan-in model puts every active neuron in the bin at 1.0.
+    Ablated neurons (fan-in 0) are left out unless ``include_ablated``.
     """
     rel = []
-    for fan in fan_in_by_layer(masks, paths).values():
+    for fan in fan_in_by_layer(masks, plans).values():
         act = fan[fan > 0]
-        if act.size == 0:
-            continue
-        r = (fan if include_ablated else act) / act.mean()
-        rel.append(r)
+        if act.size:
+            rel.append((fan if include_ablated else act) / act.mean())
     if not rel:
-        raise ValueError("no sparse kernels with active neurons found in masks")
+        raise ValueError("no sparse layer with an active neuron in masks")
     edges = np.arange(0.0, 3.0 + 1e-9, 0.05) - 0.025
-    counts, edges = np.histogram(np.concatenate(rel), bins=edges)
+    counts, edges = np.histogram(np.clip(np.concatenate(rel), 0.0, 2.97), bins=edges)
     return (edges[:-1] + edges[1:]) / 2, counts
 
 
@@ -421,19 +399,11 @@ def fan_in_histogram(masks: Any, paths: Sequence[str] | None = None, include_abl
 # ----------------------------------------------------------------------------------------------
 
 
-def itop_rate_curve(mask_history: Iterable[Any], paths: Sequence[str] | None = None) -> np.ndarray:
-    """ITOP rate after each mask in ``mask_history``: fraction of positions of the sparse kernels that have
-    been active at least once so far (1 = every weight was explored). Paths default to the kernels that
-    are sparse in the first mask."""
-    explored: dict[str, np.ndarray] | None = None
-    rates = []
+def itop_rate_curve(mask_history: Iterable[Any], plans: Mapping[str, LayerPlan]) -> np.ndarray:
+    """ITOP rate after each mask tree in ``mask_history`` (e.g. the masks after every mask update):
+    the fraction of the sparse layers' positions that were active at least once so far."""
+    itop, rates = None, []
     for masks in mask_history:
-        kernels = sparse_kernel_masks(masks) if explored is None and paths is None else _select(
-            masks, list(explored) if explored is not None else paths)
-        if explored is None:
-            explored = {p: m.astype(bool).copy() for p, m in kernels.items()}
-        else:
-            for p, m in kernels.items():
-                explored[p] |= m.astype(bool)
-        rates.append(sum(int(e.sum()) for e in explored.values()) / sum(e.size for e in explored.values()))
+        itop = init_itop(masks) if itop is None else update_itop(itop, masks)
+        rates.append(float(itop_rate(itop, plans)))
     return np.asarray(rates)

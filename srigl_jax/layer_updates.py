@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from srigl_jax.plans import LayerPlan
 from srigl_jax.selection import kth_largest, row_top_count_mask, top_n_mask
@@ -39,13 +40,6 @@ def salience_threshold(gamma_sal: float, k0: int) -> int:
     if gamma_sal >= 1:
         return int(gamma_sal)
     return max(1, int(math.floor(gamma_sal * k0)))
-
-
-def srigl_max_fan_in(plan: LayerPlan, ablate: bool) -> int:
-    """Static upper bound on k' (bounds the per-row top_k width)."""
-    if not ablate:
-        return plan.k0
-    return min(plan.fan_in, plan.nnz_budget // plan.min_active)
 
 
 def srigl_active_neurons(
@@ -90,14 +84,19 @@ def srigl_layer_mask(
     else:
         active = jnp.ones(mask.shape[0], bool)
     k_new = plan.nnz_budget // jnp.sum(active, dtype=jnp.int32)
-    k_max = srigl_max_fan_in(plan, ablate)
-    # Step 7: global magnitude drop among surviving neurons, then cap each neuron at k'.
+    # Step 7: global magnitude drop among surviving neurons, then cap each neuron at k' (only needed
+    # when k' shrank, e.g. after neurons were revived, so the per-row pass is skipped otherwise).
     keep = top_n_mask(w_score, mask & active[:, None], n_keep)
-    kept_per_row = jnp.minimum(jnp.sum(keep, axis=1, dtype=jnp.int32), k_new)
-    keep = row_top_count_mask(w_score, keep, kept_per_row, k_max)
+    kept_per_row = jnp.sum(keep, axis=1, dtype=jnp.int32)
+    keep = lax.cond(
+        jnp.any(kept_per_row > k_new),
+        lambda k: row_top_count_mask(w_score, k, jnp.minimum(kept_per_row, k_new)),
+        lambda k: k,
+        keep,
+    )
     # Step 8: each survivor regrows its largest-|grad| inactive positions up to exactly k'.
     need = jnp.where(active, k_new - jnp.sum(keep, axis=1, dtype=jnp.int32), 0)
-    grow = row_top_count_mask(g_score, ~keep, need, k_max)
+    grow = row_top_count_mask(g_score, ~keep, need)
     return keep | grow
 
 
@@ -115,7 +114,7 @@ def unstructured_layer_mask(
 def constant_fan_in_mask(key: jax.Array, n_neurons: int, fan_in: int, k: int) -> jax.Array:
     """Random mask (rows layout) with exactly k distinct positions per neuron, uniformly at random."""
     scores = jax.random.uniform(key, (n_neurons, fan_in))
-    return row_top_count_mask(scores, jnp.ones_like(scores, bool), jnp.full((n_neurons,), k), k)
+    return row_top_count_mask(scores, jnp.ones_like(scores, bool), jnp.full((n_neurons,), k))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

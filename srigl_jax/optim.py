@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from srigl_jax.algorithms import DynamicSparsity, MaskUpdateInfo, check_same_structure
+from srigl_jax.algorithms import DynamicSparsity, MaskUpdateInfo, any_nonfinite, check_same_structure
 
 PyTree = Any
 
@@ -99,11 +99,13 @@ def sparse_apply(
     state untouched (``info.nonfinite`` reports it), so one bad batch never poisons the run.
     With several devices, pass grads already averaged across devices so masks agree everywhere.
     """
-    growth = grads
+    growth, old_grad_acc = grads, grad_acc
     if grad_acc is not None:
         grad_acc = algo.accumulate_grads(grad_acc, grads, step)
         growth = algo.averaged_grads(grad_acc)
     new_params, new_masks, info = algo.update_masks_with_info(params, growth, masks, key, step)
+    if grad_acc is not None:  # outside the averaging window this step's grads are not in `growth`
+        info = info._replace(nonfinite=info.nonfinite | any_nonfinite(grads))
     new_opt_state = lax.cond(
         info.updated,
         lambda s: reset_optimizer_state(tx, s, masks, new_masks),
@@ -114,9 +116,9 @@ def sparse_apply(
     new_params = optax.apply_updates(new_params, updates)
     if skip_nonfinite:
         keep_old = info.nonfinite
-        new_params, new_opt_state, new_masks = jax.tree.map(
+        new_params, new_opt_state, new_masks, grad_acc = jax.tree.map(
             lambda old, new: jnp.where(keep_old, old, new),
-            (params, opt_state, masks),
-            (new_params, new_opt_state, new_masks),
+            (params, opt_state, masks, old_grad_acc),
+            (new_params, new_opt_state, new_masks, grad_acc),
         )
     return SparseApplyResult(new_params, new_opt_state, new_masks, grad_acc, info)

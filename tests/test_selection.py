@@ -41,10 +41,25 @@ def test_top_n_matches_reference(score, n, seed):
 def test_row_top_count_matches_reference(score, seed):
     rng = np.random.default_rng(seed)
     eligible = rng.random(score.shape) < 0.8
-    max_count = score.shape[1]
-    counts = rng.integers(0, max_count + 1, size=score.shape[0])
-    got = row_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts), max_count)
+    counts = rng.integers(0, score.shape[1] + 1, size=score.shape[0])
+    got = row_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
     np.testing.assert_array_equal(np.asarray(got), reference_row_top(score, eligible, counts))
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["normal", "lognormal", "clustered"]))
+def test_top_n_on_continuous_scores(seed, kind):
+    """Smooth and very skewed distributions: the interpolating search must still be exact."""
+    rng = np.random.default_rng(seed)
+    size = (23, 37)
+    score = {"normal": np.abs(rng.normal(size=size)),
+             "lognormal": rng.lognormal(0, 8, size=size),
+             "clustered": 1.0 + (rng.random(size) < 0.5) * 1e-6 * rng.random(size)}[kind].astype(np.float32)
+    eligible = rng.random(size) < 0.9
+    n = int(rng.integers(0, eligible.sum() + 1))
+    got = np.asarray(top_n_mask(jnp.asarray(score), jnp.asarray(eligible), n))
+    np.testing.assert_array_equal(got, reference_top_n(score, eligible, n))
+    rows = np.asarray(row_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.full(23, n // 23)))
+    np.testing.assert_array_equal(rows, reference_row_top(score, eligible, np.full(23, n // 23)))
 
 
 def test_top_n_handles_extremes_and_large_values():

@@ -43,12 +43,12 @@ namespace avx512 {
 #pragma GCC pop_options
 #endif
 
-using RowsFn = bool (*)(bool, const float*, const float*, int64_t, int64_t, const float*, const void*, int64_t,
-                        const int32_t*, const float*, float*, int64_t, int64_t);
+using BlockFn = bool (*)(bool, const float*, const float*, int64_t, int64_t, int64_t, const float*, const void*,
+                         int64_t, const int32_t*, const float*, float*, int64_t, int64_t);
 using PackFn = void (*)(const float*, int64_t, int64_t, float*);
 
 struct Isa {
-  RowsFn fn;
+  BlockFn fn;
   PackFn pack;
   const char* name;
 };
@@ -58,11 +58,11 @@ static Isa SelectIsa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return {&avx512::RowsAnyIndex, &avx512::PackPanels, "avx512"};
+    return {&avx512::BlockAnyIndex, &avx512::PackPanels, "avx512"};
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {&avx2::RowsAnyIndex, &avx2::PackPanels, "avx2"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {&avx2::BlockAnyIndex, &avx2::PackPanels, "avx2"};
 #endif
-  return {&generic::RowsAnyIndex, &generic::PackPanels, "generic"};
+  return {&generic::BlockAnyIndex, &generic::PackPanels, "generic"};
 }
 
 static const Isa& GetIsa() {
@@ -71,7 +71,7 @@ static const Isa& GetIsa() {
 }
 
 struct Work {
-  RowsFn fn;
+  BlockFn fn;
   bool int16_indices;
   const float* x;
   const float* packed;
@@ -82,17 +82,20 @@ struct Work {
   std::vector<int32_t> row_of;
   const float* bias;
   float* outT;
-  int64_t n_out, rows_per_chunk, n_chunks;
+  int64_t n_out, rows_per_chunk, n_row_chunks, n_chunks;
+  std::vector<int64_t> block_starts;  // first batch column of each panel (and of the gathered remainder)
   std::atomic<int64_t> next_chunk{0};
   std::atomic<int64_t> done_chunks{0};
   std::atomic<bool> bad_index{false};
 
-  // Claim and run chunks until none is left.
+  // Claim and run chunks until none is left. Chunks are panel-major, so the threads share one batch panel
+  // (hot in cache) at a time while splitting its output rows.
   void Drain() {
     for (int64_t c = next_chunk.fetch_add(1); c < n_chunks; c = next_chunk.fetch_add(1)) {
-      const int64_t o0 = c * rows_per_chunk;
+      const int64_t b0 = block_starts[c / n_row_chunks];
+      const int64_t o0 = (c % n_row_chunks) * rows_per_chunk;
       const int64_t o1 = std::min(n_out, o0 + rows_per_chunk);
-      if (fn(int16_indices, x, packed, n_in, batch, values, indices, k, row_of.data(), bias, outT, o0, o1)) {
+      if (fn(int16_indices, x, packed, n_in, batch, b0, values, indices, k, row_of.data(), bias, outT, o0, o1)) {
         bad_index.store(true, std::memory_order_relaxed);
       }
       done_chunks.fetch_add(1, std::memory_order_acq_rel);
@@ -100,8 +103,9 @@ struct Work {
   }
 };
 
-// Below this many multiply-adds a call runs on the calling thread (waking pool threads costs more).
-constexpr int64_t kMinWorkForThreads = 1 << 16;
+// Below this many multiply-adds a call runs on the calling thread: waking pool threads costs tens of
+// microseconds, more than it saves on small work (e.g. one 3072 -> 768 row at 90% sparsity, ~55 us).
+constexpr int64_t kMinWorkForThreads = 1 << 18;
 
 static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
                                       ffi::AnyBuffer indices, ffi::Buffer<ffi::F32> bias,
@@ -165,7 +169,13 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (n_active * k * batch < kMinWorkForThreads) workers = 1;
   const int64_t chunks_wanted = workers == 1 ? 1 : workers * 4;
   work->rows_per_chunk = std::max<int64_t>(1, (n_out + chunks_wanted - 1) / chunks_wanted);
-  work->n_chunks = (n_out + work->rows_per_chunk - 1) / work->rows_per_chunk;
+  work->n_row_chunks = (n_out + work->rows_per_chunk - 1) / work->rows_per_chunk;
+  for (int64_t b0 = 0; b0 < batch;) {
+    work->block_starts.push_back(b0);
+    const int64_t w = generic::PanelWidth(b0, batch);
+    b0 = w > 0 ? b0 + w : batch;
+  }
+  work->n_chunks = work->n_row_chunks * static_cast<int64_t>(work->block_starts.size());
 
   for (int64_t t = 1; t < workers; ++t) {
     pool.Schedule([work] { work->Drain(); });

@@ -1,0 +1,168 @@
+"""Cost of SRigL training relative to dense training, measured interleaved in one process.
+
+Prints (1) the median step time of a masked SRigL train step vs the same dense step (MLP
+784-3072-3072-10, batch 128, SGD momentum), on a non-update step and on a mask-update step, and (2) the cost
+of one ``update_masks`` call on a 3072x3072 layer, amortised over delta_t steps.
+
+    python bench/train_step.py            # full (about a minute on 2 cores)
+    python bench/train_step.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import srigl_jax as sj
+
+
+def mlp_params(key, sizes):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {
+        f"Dense_{i}": {
+            "kernel": jax.random.normal(k, (m, n)) * (2.0 / m) ** 0.5,
+            "bias": jnp.zeros(n),
+        }
+        for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+    }
+
+
+def mlp_loss(params, x, y):
+    h = x
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+        if i < n - 1:
+            h = jax.nn.relu(h)
+    return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+
+def median_seconds(fn, reps):
+    """Median wall time of ``fn()`` (which must block) over ``reps`` calls."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, reps: int) -> dict:
+    """Alternate the candidates rep by rep so drifts in machine load hit all of them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and few repetitions (smoke test)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--delta-t", type=int, default=100)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
+    args = ap.parse_args()
+    width, batch, reps = (256, 32, 5) if args.quick else (3072, 128, args.reps)
+    sizes = [784, width, width, 10]
+
+    key = jax.random.key(0)
+    params = mlp_params(key, sizes)
+    x = jax.random.normal(jax.random.key(1), (batch, 784))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    tx_dense = optax.sgd(0.01, momentum=0.9)
+    tx_sparse = optax.chain(optax.sgd(0.01, momentum=0.9), sj.apply_masks())
+    algo = sj.SRigL(sparsity=args.sparsity, distribution="erk", delta_t=args.delta_t, t_end=10**6, gamma_sal=0.3)
+    masks = algo.init_masks(params, key)
+    sparse_params = algo.init_params(params, masks, key)
+
+    @jax.jit
+    def dense_step(params, opt_state):
+        grads = jax.grad(mlp_loss)(params, x, y)
+        updates, opt_state = tx_dense.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    @jax.jit
+    def sparse_step(params, opt_state, masks, step):
+        grads = jax.grad(mlp_loss)(params, x, y)
+        res = sj.sparse_apply(algo, tx_sparse, params, opt_state, masks, grads, key, step)
+        return res.params, res.opt_state, res.masks
+
+    dense_state = (params, tx_dense.init(params))
+    sparse_state = (sparse_params, tx_sparse.init(sparse_params), masks)
+    plain_step, update_step = jnp.int32(1), jnp.int32(args.delta_t)
+
+    def run_dense():
+        jax.block_until_ready(dense_step(*dense_state))
+
+    def run_sparse():
+        jax.block_until_ready(sparse_step(*sparse_state, plain_step))
+
+    def run_sparse_update():
+        jax.block_until_ready(sparse_step(*sparse_state, update_step))
+
+    for fn in (run_dense, run_sparse, run_sparse_update):  # compile + warm up
+        fn()
+        fn()
+    med = interleaved_medians(
+        {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}, reps
+    )
+
+    # update_masks alone on one square layer (the 3072x3072 hidden layer).
+    layer = {"kernel": params["Dense_1"]["kernel"]}
+    layer_algo = sj.SRigL(sparsity=args.sparsity, distribution="uniform", delta_t=args.delta_t,
+                          t_end=10**6, gamma_sal=0.3, ablation_exempt=())
+    layer_masks = layer_algo.init_masks(layer, key)
+    layer_params = layer_algo.init_params(layer, layer_masks, key)
+    grads = {"kernel": jax.random.normal(jax.random.key(3), layer["kernel"].shape)}
+    update = jax.jit(layer_algo.update_masks)
+    run_update = lambda: jax.block_until_ready(update(layer_params, grads, layer_masks, key, update_step))
+    run_update()
+    update_s = median_seconds(run_update, max(3, reps // 3))
+
+    extra_per_update = med["srigl_update_step"] - med["srigl"]
+    amortised = extra_per_update / (args.delta_t * med["srigl"])
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "mlp": sizes,
+        "batch": batch,
+        "sparsity": args.sparsity,
+        "reps": reps,
+        "dense_step_ms": med["dense"] * 1e3,
+        "srigl_step_ms": med["srigl"] * 1e3,
+        "srigl_update_step_ms": med["srigl_update_step"] * 1e3,
+        "srigl_vs_dense": med["srigl"] / med["dense"],
+        "update_masks_layer_ms": update_s * 1e3,
+        "update_masks_layer_shape": list(layer["kernel"].shape),
+        "update_overhead_amortised": amortised,
+        "delta_t": args.delta_t,
+    }
+    print(f"MLP {sizes}, batch {batch}, SRigL {args.sparsity:.0%} ERK, {reps} interleaved reps, "
+          f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}")
+    print(f"  dense step             {result['dense_step_ms']:9.2f} ms")
+    print(f"  SRigL step             {result['srigl_step_ms']:9.2f} ms   {result['srigl_vs_dense']:.3f}x dense (goal <= 1.10x)")
+    print(f"  SRigL mask-update step {result['srigl_update_step_ms']:9.2f} ms")
+    print(f"  update_masks, {layer['kernel'].shape[0]}x{layer['kernel'].shape[1]} layer: {result['update_masks_layer_ms']:.1f} ms")
+    print(f"  mask updates amortised over delta_t={args.delta_t}: {amortised:.2%} of training time (goal < 2%)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
