@@ -4,7 +4,10 @@ The shared library ``srigl_jax/_condensed_kernel*.so`` is compiled by ``pip inst
 failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.condensed then uses
 its pure-XLA path. Environment:
   SRIGL_JAX_CONDENSED_FORCE_XLA=1     never use the kernel (checked when a function is traced)
-  SRIGL_JAX_CONDENSED_MAX_THREADS=n   cap the kernel's threads (default: the XLA CPU thread pool + caller)
+  SRIGL_JAX_CONDENSED_MAX_THREADS=n   threads of the kernel (default 1; 0 = the XLA CPU thread pool + caller).
+      One thread is the default: on the shared 2-core benchmark machine the pool-threaded kernel lost to the
+      single-threaded one in most configurations (pool threads are often busy or descheduled, and a call
+      waits for its slowest chunk), and one thread composes with XLA running other ops in parallel.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def supports(x, values, indices) -> bool:
 
 
 def _max_threads() -> int:
-    raw = os.environ.get(MAX_THREADS_ENV, "0")
+    raw = os.environ.get(MAX_THREADS_ENV, "1")
     try:
         return max(int(raw), 0)
     except ValueError as err:

@@ -121,8 +121,8 @@ class DynamicSparsity:
         leaves, treedef = jax.tree.flatten(params)
         masks = [jnp.ones(jnp.shape(x), bool) for x in leaves]
         for j, (i, plan) in enumerate(self._sparse_leaves(params)):
-            rows = self._init_layer_mask(jax.random.fold_in(key, j), plan)
-            masks[i] = lu.from_rows(rows, plan.shape)
+            matrix = self._init_layer_mask(jax.random.fold_in(key, j), plan)
+            masks[i] = matrix.reshape(plan.shape)
         return jax.tree.unflatten(treedef, masks)
 
     def _init_layer_mask(self, key: jax.Array, plan: LayerPlan) -> jax.Array:
@@ -141,12 +141,10 @@ class DynamicSparsity:
             if self.init == "keep":
                 out[i] = jnp.where(m, w, jnp.zeros((), w.dtype))
                 continue
-            m_rows = lu.to_rows(m)
-            fan_in = jnp.sum(m_rows, axis=1, keepdims=True).astype(jnp.float32)
-            safe = jnp.maximum(fan_in, 1.0)
-            std = jnp.sqrt(2.0 / safe) if self.init == "sparse_he" else 2.0 / safe
-            noise = jax.random.normal(jax.random.fold_in(key, j), m_rows.shape, jnp.float32)
-            out[i] = lu.from_rows(jnp.where(m_rows, noise * std, 0.0), plan.shape).astype(w.dtype)
+            safe_fan_in = jnp.maximum(lu.neuron_fan_in(m), 1).astype(jnp.float32)
+            std = jnp.sqrt(2.0 / safe_fan_in) if self.init == "sparse_he" else 2.0 / safe_fan_in
+            noise = jax.random.normal(jax.random.fold_in(key, j), w.shape, jnp.float32)
+            out[i] = jnp.where(m, noise * std, 0.0).astype(w.dtype)  # std broadcasts over the last axis
         return jax.tree.unflatten(treedef, out)
 
     # -------------------------------------------------------------------------------- schedule
@@ -192,14 +190,12 @@ class DynamicSparsity:
             out_w, out_m = [], []
             for j, (i, plan) in enumerate(sparse):
                 layer_key = jax.random.fold_in(key, j)
-                m_rows = lu.to_rows(ms[j])
-                new_rows = self._update_layer(
-                    lu.to_rows(ws[j]), lu.to_rows(g_leaves[i]), m_rows, drop_frac, plan, layer_key
-                )
+                new_m = self._update_layer(
+                    lu.as_matrix(ws[j]), lu.as_matrix(g_leaves[i]), lu.as_matrix(ms[j]), drop_frac, plan, layer_key
+                ).reshape(plan.shape)
                 # Grown weights start at 0; weights kept (or dropped and regrown) keep their value.
-                survived = lu.from_rows(new_rows & m_rows, plan.shape)
-                out_w.append(jnp.where(survived, ws[j], jnp.zeros((), ws[j].dtype)))
-                out_m.append(lu.from_rows(new_rows, plan.shape))
+                out_w.append(jnp.where(new_m & ms[j], ws[j], jnp.zeros((), ws[j].dtype)))
+                out_m.append(new_m)
             return out_w, out_m
 
         operand = ([p_leaves[i] for i, _ in sparse], [m_leaves[i] for i, _ in sparse])
@@ -209,14 +205,14 @@ class DynamicSparsity:
             p_out[i], m_out[i] = new_w[j], new_m[j]
         return jax.tree.unflatten(treedef, p_out), jax.tree.unflatten(treedef, m_out), info
 
-    def _scores(self, w_rows, g_rows, key):
-        w_score, g_score = magnitude_score(w_rows), magnitude_score(g_rows)
+    def _scores(self, w, g, key):
+        w_score, g_score = magnitude_score(w), magnitude_score(g)
         if self.random_tie_break:
             kw, kg = jax.random.split(key)
             w_score, g_score = perturb_ties(w_score, kw), perturb_ties(g_score, kg)
         return w_score, g_score
 
-    def _update_layer(self, w_rows, g_rows, m_rows, drop_frac, plan, key) -> jax.Array:
+    def _update_layer(self, w, g, m, drop_frac, plan, key) -> jax.Array:
         raise NotImplementedError
 
     # ------------------------------------------------------------ growth-gradient averaging
@@ -263,29 +259,29 @@ class SRigL(DynamicSparsity):
         if self.gamma_sal is not None and not self.gamma_sal >= 0:
             raise ValueError(f"gamma_sal must be >= 0 or None, got {self.gamma_sal!r}")
 
-    def _update_layer(self, w_rows, g_rows, m_rows, drop_frac, plan, key):
-        w_score, g_score = self._scores(w_rows, g_rows, key)
-        return lu.srigl_layer_mask(w_score, g_score, m_rows, drop_frac, plan, self.gamma_sal)
+    def _update_layer(self, w, g, m, drop_frac, plan, key):
+        w_score, g_score = self._scores(w, g, key)
+        return lu.srigl_layer_mask(w_score, g_score, m, drop_frac, plan, self.gamma_sal)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class RigL(DynamicSparsity):
     """Unstructured RigL (Evci et al. 2020): magnitude drop, dense-gradient growth, per layer."""
 
-    def _update_layer(self, w_rows, g_rows, m_rows, drop_frac, plan, key):
-        w_score, g_score = self._scores(w_rows, g_rows, key)
-        return lu.unstructured_layer_mask(w_score, g_score, m_rows, drop_frac)
+    def _update_layer(self, w, g, m, drop_frac, plan, key):
+        w_score, g_score = self._scores(w, g, key)
+        return lu.unstructured_layer_mask(w_score, g_score, m, drop_frac)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class SET(DynamicSparsity):
     """Sparse Evolutionary Training: magnitude drop, random growth."""
 
-    def _update_layer(self, w_rows, g_rows, m_rows, drop_frac, plan, key):
+    def _update_layer(self, w, g, m, drop_frac, plan, key):
         kw, kg = jax.random.split(key)
-        w_score, _ = self._scores(w_rows, g_rows, kw)
-        random_score = jax.random.uniform(kg, m_rows.shape, jnp.float32)
-        return lu.unstructured_layer_mask(w_score, random_score, m_rows, drop_frac)
+        w_score, _ = self._scores(w, g, kw)
+        random_score = jax.random.uniform(kg, m.shape, jnp.float32)
+        return lu.unstructured_layer_mask(w_score, random_score, m, drop_frac)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -295,8 +291,8 @@ class Static(DynamicSparsity):
     t_end: int = 0
     performs_updates: ClassVar[bool] = False
 
-    def _update_layer(self, w_rows, g_rows, m_rows, drop_frac, plan, key):
-        return m_rows
+    def _update_layer(self, w, g, m, drop_frac, plan, key):
+        return m
 
 
 def any_nonfinite(tree: PyTree) -> jax.Array:

@@ -1,8 +1,9 @@
-"""One layer's mask update, in the "rows" layout: a (n_neurons, fan_in) array, one row per neuron.
+"""One layer's mask update on the kernel viewed as a (fan_in, n_neurons) matrix: one column per neuron
+(a free reshape of Flax Dense (in, out) and Conv (kh, kw, in, out) kernels, so no transposes).
 
 These are the spec's steps (../SRIGL_SPEC.md, "One mask update of one layer") as pure functions of
 scores (non-negative float32, see ``selection.magnitude_score``) and the current boolean mask.
-SRigL, RigL and SET all go through ``top_n_mask`` / ``row_top_count_mask``.
+SRigL, RigL and SET all go through ``top_n_mask`` / ``column_top_count_mask``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ import jax.numpy as jnp
 from jax import lax
 
 from srigl_jax.plans import LayerPlan
-from srigl_jax.selection import kth_largest, row_top_count_mask, top_n_mask
+from srigl_jax.selection import column_top_count_mask, kth_largest, top_n_mask
+
+
+def as_matrix(x: jax.Array) -> jax.Array:
+    """Kernel (..., n_neurons) -> (fan_in, n_neurons), a free reshape."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def neuron_fan_in(mask: jax.Array) -> jax.Array:
+    """Active weights per neuron (last axis) of a kernel mask."""
+    return jnp.sum(as_matrix(mask), axis=0, dtype=jnp.int32)
 
 
 def to_rows(x: jax.Array) -> jax.Array:
-    """Kernel (..., n_neurons) -> (n_neurons, fan_in)."""
+    """Kernel (..., n_neurons) -> (n_neurons, fan_in): one row per neuron (for inspection and export)."""
     return x.reshape(-1, x.shape[-1]).T
-
-
-def from_rows(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Inverse of ``to_rows``."""
-    return x.T.reshape(shape)
 
 
 def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -56,7 +62,7 @@ def srigl_active_neurons(
     salient = top_n_mask(w_score, mask, n_keep) | top_n_mask(
         g_score, jnp.ones_like(mask), n_prune
     )
-    counts = jnp.sum(salient, axis=1, dtype=jnp.int32)
+    counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
     floor_theta = kth_largest(counts, min_active)
     return counts >= jnp.minimum(theta, floor_theta)
 
@@ -69,7 +75,7 @@ def srigl_layer_mask(
     plan: LayerPlan,
     gamma_sal: float | None,
 ) -> jax.Array:
-    """SRigL update of one layer (rows layout). Returns the new mask: every surviving neuron has
+    """SRigL update of one layer ((fan_in, n_neurons) matrices). Returns the new mask: every surviving neuron has
     exactly k' = floor(T / survivors) active weights, ablated neurons none.
 
     ``gamma_sal=None`` (or a non-ablatable layer) disables ablation: k' = k0 for every neuron.
@@ -82,21 +88,21 @@ def srigl_layer_mask(
             salience_threshold(gamma_sal, plan.k0), plan.min_active,
         )
     else:
-        active = jnp.ones(mask.shape[0], bool)
+        active = jnp.ones(mask.shape[1], bool)
     k_new = plan.nnz_budget // jnp.sum(active, dtype=jnp.int32)
     # Step 7: global magnitude drop among surviving neurons, then cap each neuron at k' (only needed
     # when k' shrank, e.g. after neurons were revived, so the per-row pass is skipped otherwise).
-    keep = top_n_mask(w_score, mask & active[:, None], n_keep)
-    kept_per_row = jnp.sum(keep, axis=1, dtype=jnp.int32)
+    keep = top_n_mask(w_score, mask & active[None, :], n_keep)
+    kept_per_neuron = jnp.sum(keep, axis=0, dtype=jnp.int32)
     keep = lax.cond(
-        jnp.any(kept_per_row > k_new),
-        lambda k: row_top_count_mask(w_score, k, jnp.minimum(kept_per_row, k_new)),
+        jnp.any(kept_per_neuron > k_new),
+        lambda k: column_top_count_mask(w_score, k, jnp.minimum(kept_per_neuron, k_new)),
         lambda k: k,
         keep,
     )
     # Step 8: each survivor regrows its largest-|grad| inactive positions up to exactly k'.
-    need = jnp.where(active, k_new - jnp.sum(keep, axis=1, dtype=jnp.int32), 0)
-    grow = row_top_count_mask(g_score, ~keep, need)
+    need = jnp.where(active, k_new - jnp.sum(keep, axis=0, dtype=jnp.int32), 0)
+    grow = column_top_count_mask(g_score, ~keep, need)
     return keep | grow
 
 
@@ -112,13 +118,13 @@ def unstructured_layer_mask(
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def constant_fan_in_mask(key: jax.Array, n_neurons: int, fan_in: int, k: int) -> jax.Array:
-    """Random mask (rows layout) with exactly k distinct positions per neuron, uniformly at random."""
-    scores = jax.random.uniform(key, (n_neurons, fan_in))
-    return row_top_count_mask(scores, jnp.ones_like(scores, bool), jnp.full((n_neurons,), k))
+    """Random (fan_in, n_neurons) mask with exactly k distinct positions per neuron, uniformly at random."""
+    scores = jax.random.uniform(key, (fan_in, n_neurons))
+    return column_top_count_mask(scores, jnp.ones_like(scores, bool), jnp.full((n_neurons,), k))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def uniform_random_mask(key: jax.Array, n_neurons: int, fan_in: int, nnz: int) -> jax.Array:
-    """Random mask (rows layout) with exactly nnz positions over the whole layer."""
-    scores = jax.random.uniform(key, (n_neurons, fan_in))
+    """Random (fan_in, n_neurons) mask with exactly nnz positions over the whole layer."""
+    scores = jax.random.uniform(key, (fan_in, n_neurons))
     return top_n_mask(scores, jnp.ones_like(scores, bool), nnz)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from srigl_jax.layer_updates import to_rows
+from srigl_jax.layer_updates import neuron_fan_in
 from srigl_jax.paths import named_leaves
 from srigl_jax.plans import LayerPlan
 
@@ -31,7 +31,7 @@ def sparsity_metrics(masks: PyTree, plans: Mapping[str, LayerPlan]) -> dict[str,
     nnz_total, numel_total, active_total, neurons_total = 0, 0, 0, 0
     for path, m in _layer_masks(masks, plans).items():
         plan = plans[path]
-        fan_in = jnp.sum(to_rows(m), axis=1, dtype=jnp.int32)
+        fan_in = neuron_fan_in(m)
         active = fan_in > 0
         nnz = jnp.sum(fan_in)
         out[f"sparsity/{path}"] = 1.0 - nnz / plan.numel

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import srigl_jax as sj
-from srigl_jax.layer_updates import to_rows
+from srigl_jax.layer_updates import to_rows  # one row per neuron
 
 # (kernel shape, sparsity): Dense and Conv layouts, 0.5 .. 0.99. A few fixed configs keep jit caches warm;
 # weights, gradients, masks, drop fractions (via the step) and NaNs vary per example.

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from srigl_jax.selection import magnitude_score, perturb_ties, row_top_count_mask, top_n_mask
+from srigl_jax.selection import column_top_count_mask, magnitude_score, perturb_ties, top_n_mask
 
 
 def reference_top_n(score, eligible, n):
@@ -17,10 +17,10 @@ def reference_top_n(score, eligible, n):
     return out.reshape(score.shape)
 
 
-def reference_row_top(score, eligible, counts):
+def reference_column_top(score, eligible, counts):
     out = np.zeros(score.shape, bool)
-    for i, row in enumerate(score):
-        out[i] = reference_top_n(row, eligible[i], int(counts[i]))
+    for j in range(score.shape[1]):
+        out[:, j] = reference_top_n(score[:, j], eligible[:, j], int(counts[j]))
     return out
 
 
@@ -38,12 +38,12 @@ def test_top_n_matches_reference(score, n, seed):
 
 
 @given(scores_2d, st.integers(0, 2**31 - 1))
-def test_row_top_count_matches_reference(score, seed):
+def test_column_top_count_matches_reference(score, seed):
     rng = np.random.default_rng(seed)
     eligible = rng.random(score.shape) < 0.8
-    counts = rng.integers(0, score.shape[1] + 1, size=score.shape[0])
-    got = row_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
-    np.testing.assert_array_equal(np.asarray(got), reference_row_top(score, eligible, counts))
+    counts = rng.integers(0, score.shape[0] + 1, size=score.shape[1])
+    got = column_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
+    np.testing.assert_array_equal(np.asarray(got), reference_column_top(score, eligible, counts))
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["normal", "lognormal", "clustered"]))
@@ -58,8 +58,8 @@ def test_top_n_on_continuous_scores(seed, kind):
     n = int(rng.integers(0, eligible.sum() + 1))
     got = np.asarray(top_n_mask(jnp.asarray(score), jnp.asarray(eligible), n))
     np.testing.assert_array_equal(got, reference_top_n(score, eligible, n))
-    rows = np.asarray(row_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.full(23, n // 23)))
-    np.testing.assert_array_equal(rows, reference_row_top(score, eligible, np.full(23, n // 23)))
+    cols = np.asarray(column_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.full(37, n // 37)))
+    np.testing.assert_array_equal(cols, reference_column_top(score, eligible, np.full(37, n // 37)))
 
 
 def test_top_n_handles_extremes_and_large_values():

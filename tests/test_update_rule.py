@@ -1,10 +1,11 @@
 """Hand-computed mask updates that pin down the selection rule (spec "One mask update of one layer").
 
-Layer: 4 neurons x fan-in 6 (rows layout: row = neuron), S = 0.5 -> T = 12, k0 = 3, min_active = 3.
+Layer: 4 neurons x fan-in 6, written below one ROW PER NEURON for readability (the library works on the
+kernel layout (fan_in, neurons) = these arrays transposed), S = 0.5 -> T = 12, k0 = 3, min_active = 3.
 Worked by hand for d = 0.5 (n_prune = 6, n_keep = 6):
   active |w| ranking: 7 (r2c3), 6 (r1c0), 5, 4, 3 (r0c0..2), 2 (r2c5) | 0.3, 0.2, 0.1, 0.03, 0.02, 0.01
   top-6 |grad| over all positions: 3 (r2c0), 2 (r0c4), 1 (r0c3), .5 (r0c5), .3 (r1c3), then the zero tie
-  goes to the lowest flat index: r0c0.
+  goes to the lowest flat index of the kernel (fan-in position first, then neuron): r0c0.
   salient counts: r0 = 6, r1 = 2, r2 = 3, r3 = 0 -> with theta = 1, neuron 3 is ablated; k' = 12 // 3 = 4.
 """
 
@@ -48,12 +49,11 @@ def rows(*cols_per_row):
 
 
 def layer(gamma_sal, drop=0.5):
-    return np.asarray(
-        srigl_layer_mask(
-            magnitude_score(jnp.asarray(W)), magnitude_score(jnp.asarray(G)), jnp.asarray(M),
-            jnp.float32(drop), PLAN, gamma_sal,
-        )
+    new_kernel_mask = srigl_layer_mask(
+        magnitude_score(jnp.asarray(W.T)), magnitude_score(jnp.asarray(G.T)), jnp.asarray(M.T),
+        jnp.float32(drop), PLAN, gamma_sal,
     )
+    return np.asarray(new_kernel_mask).T
 
 
 def test_plan_of_the_worked_example():
@@ -81,10 +81,10 @@ def test_salience_threshold_counts_and_floor():
 
 def test_rigl_by_hand():
     # Keep the same 6 by |w|; grow the 6 best |g| among the rest: r2c0, r0c4, r0c3, r0c5, r1c3 and the
-    # zero-grad tie at the lowest flat index not kept: r1c1.
+    # zero-grad tie at the lowest kernel flat index (fan-in position c, then neuron r) not kept: r3c0.
     got = np.asarray(unstructured_layer_mask(
-        magnitude_score(jnp.asarray(W)), magnitude_score(jnp.asarray(G)), jnp.asarray(M), jnp.float32(0.5)))
-    np.testing.assert_array_equal(got, rows({0, 1, 2, 3, 4, 5}, {0, 1, 3}, {0, 3, 5}, set()))
+        magnitude_score(jnp.asarray(W.T)), magnitude_score(jnp.asarray(G.T)), jnp.asarray(M.T), jnp.float32(0.5))).T
+    np.testing.assert_array_equal(got, rows({0, 1, 2, 3, 4, 5}, {0, 3}, {0, 3, 5}, {0}))
     assert got.sum() == M.sum()
 
 
