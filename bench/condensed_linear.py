@@ -1,0 +1,277 @@
+"""Condensed-layer inference benchmark (the setup of the SRigL paper's Figure 4), CPU.
+
+One linear layer 3072 -> 768, fp32, constant fan-in masks at several sparsities, with and without ~30% ablated
+neurons (SRigL keeps the nonzero budget, so ablation raises k' of the surviving neurons), batch 1/8/64/256.
+Variants, all timed interleaved in this one process (each repetition runs every variant once, so machine noise
+hits all of them alike): dense_jnp (jit matmul), dense_numpy (BLAS), dense_numpy_1t (BLAS limited to one thread
+with threadpoolctl; "best dense" = the fastest dense variant of each configuration), structured (dense matmul on the active
+neurons only), condensed_xla, condensed_ffi (C++ kernel, default: one thread) and condensed_ffi_pool (all
+threads of XLA's CPU pool),
+bcoo and bcsr (jax.experimental.sparse, unstructured). Prints medians and ratios, writes CSV, JSON and a
+log-scale PNG into bench/results/.
+
+    python bench/condensed_linear.py            # full run (a few minutes)
+    python bench/condensed_linear.py --quick    # smoke run (seconds)
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines, they can slow numpy's BLAS) are removed by
+re-executing this script without them; the BLAS in use is reported (threadpoolctl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+_BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+if any(v in os.environ for v in _BLAS_ENV) and os.environ.get("SRIGL_BENCH_REEXEC") != "1":
+    removed = {v: os.environ[v] for v in _BLAS_ENV if v in os.environ}
+    env = {k: v for k, v in os.environ.items() if k not in _BLAS_ENV}  # noqa: SIM118
+    env["SRIGL_BENCH_REEXEC"] = "1"
+    env["SRIGL_BENCH_REMOVED_BLAS_ENV"] = json.dumps(removed)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import sparse  # noqa: E402
+
+from srigl_jax import _ffi_kernels  # noqa: E402
+from srigl_jax.condensed import condense_kernel, condensed_linear  # noqa: E402
+
+N_IN, N_OUT = 3072, 768
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    blas = []
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
+                for d in threadpool_info()]
+    except ImportError:
+        blas = [{"note": "threadpoolctl not installed"}]
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "jax": jax.__version__, "numpy": np.__version__, "jax_backend": jax.default_backend(),
+        "blas": blas, "removed_blas_env": json.loads(os.environ.get("SRIGL_BENCH_REMOVED_BLAS_ENV", "{}")),
+        "ffi_kernel": _ffi_kernels.kernel_isa() or f"unavailable: {_ffi_kernels.unavailable_reason()}",
+        "load_avg_start": os.getloadavg(),
+    }
+
+
+def make_layer(rng: np.random.Generator, sparsity: float, ablated_frac: float):
+    """Kernel, SRigL-like constant fan-in mask and bias: the nonzero budget T is spread over surviving neurons."""
+    budget = int(N_IN * N_OUT * (1.0 - sparsity))
+    n_ablated = int(round(ablated_frac * N_OUT))
+    alive = np.sort(rng.choice(N_OUT, N_OUT - n_ablated, replace=False))
+    k = min(N_IN, budget // alive.size)
+    mask = np.zeros((N_IN, N_OUT), bool)
+    for o in alive:
+        mask[rng.choice(N_IN, k, replace=False), o] = True
+    kernel = (rng.standard_normal((N_IN, N_OUT)) * np.sqrt(2.0 / k)).astype(np.float32) * mask
+    bias = rng.standard_normal(N_OUT).astype(np.float32) * 0.1
+    return kernel, mask, bias, alive, k
+
+
+def with_env(name: str, value: str, fn):
+    """Trace-time environment switch (the FFI wrapper reads its env vars when a function is traced)."""
+    def run(*args):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
+def build_variants(kernel, mask, bias, alive, x_np):
+    """name -> (zero-arg callable returning a ready result, reference output of that variant for checking)."""
+    x = jnp.asarray(x_np)
+    w, b = jnp.asarray(kernel), jnp.asarray(bias)
+    layer = condense_kernel(kernel, mask, bias)
+    w_small, b_small = jnp.asarray(kernel[:, alive]), jnp.asarray(bias[alive])
+    dense = jax.jit(lambda x, w, b: x @ w + b)
+    xla = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="xla"))
+    variants = {
+        "dense_jnp": lambda: dense(x, w, b).block_until_ready(),
+        "dense_numpy": lambda: x_np @ kernel + bias,
+        "structured": lambda: dense(x, w_small, b_small).block_until_ready(),
+        "condensed_xla": lambda: xla(x, layer).block_until_ready(),
+    }
+    try:  # one-thread BLAS: more robust than spinning BLAS threads on a shared (oversubscribed) machine
+        from threadpoolctl import threadpool_limits
+
+        def numpy_1t():
+            with threadpool_limits(1, user_api="blas"):
+                return x_np @ kernel + bias
+
+        variants["dense_numpy_1t"] = numpy_1t
+    except ImportError:
+        pass
+    if _ffi_kernels.available():
+        ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
+        ffi_pool = jax.jit(with_env(_ffi_kernels.MAX_THREADS_ENV, "0",
+                                    lambda x, layer: condensed_linear(x, layer, backend="ffi")))
+        variants["condensed_ffi"] = lambda: ffi(x, layer).block_until_ready()
+        variants["condensed_ffi_pool"] = lambda: ffi_pool(x, layer).block_until_ready()
+    # unstructured baselines
+    w_bcoo = sparse.BCOO.fromdense(w)
+    w_bcsr = sparse.BCSR.fromdense(w.T)  # (out, in) rows: y^T = W^T x^T
+    bcoo = jax.jit(lambda x, w: x @ w + b)
+    bcsr = jax.jit(lambda x, w: (w @ x.T).T + b)
+    variants["bcoo"] = lambda: bcoo(x, w_bcoo).block_until_ready()
+    variants["bcsr"] = lambda: bcsr(x, w_bcsr).block_until_ready()
+    return variants
+
+
+def check_outputs(variants, want, alive):
+    for name, fn in variants.items():
+        got = np.asarray(fn())
+        ref = want[:, alive] if name == "structured" else want
+        if not np.allclose(got, ref, rtol=1e-3, atol=1e-3):
+            raise AssertionError(f"{name} disagrees with the masked dense layer (max err {np.abs(got - ref).max()})")
+
+
+def time_interleaved(variants, reps: int, budget_s: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-call seconds of every variant; each repetition calls all variants once, in a fresh random order.
+
+    Random (not rotating) order: a rotation keeps neighbours fixed, and a variant that always follows
+    multithreaded BLAS (whose threads keep spinning after the call) would always pay for it.
+    """
+    names = list(variants)
+    times = {n: [] for n in names}
+    order_rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for rep in range(reps):
+        for name in order_rng.permutation(names):
+            t0 = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t0)
+        if rep >= 4 and time.perf_counter() - start > budget_s:
+            break
+    return {n: np.asarray(t) for n, t in times.items()}
+
+
+def plot(rows, path: pathlib.Path, batches, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4), squeeze=False)
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: [r["variant"] for r in rows].index(v))
+    for ax, batch in zip(axes[0], batches):
+        for vi, variant in enumerate(variants):
+            labelled = False
+            for ablated, style in ((0.0, "-"), (0.3, "--")):
+                pts = sorted((r["sparsity"], r["median_us"]) for r in rows
+                             if r["batch"] == batch and r["variant"] == variant and r["ablated_frac"] == ablated)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=f"C{vi}", label=None if labelled else variant)
+                    labelled = True
+        ax.set_yscale("log")
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("sparsity")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("median time per call (us), log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, title="solid: no ablation\ndashed: 30% ablated",
+               title_fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 90%% sparsity, 30%% ablated, batch 1, few reps")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--ablated", type=float, nargs="+", default=[0.0, 0.3])
+    parser.add_argument("--reps", type=int, default=200, help="max repetitions per configuration")
+    parser.add_argument("--budget-s", type=float, default=8.0, help="time budget per configuration")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sparsities, args.batches, args.ablated, args.reps, args.budget_s = [0.9], [1], [0.3], 3, 0.5
+    stem = "condensed_linear_quick" if args.quick else "condensed_linear"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    print(f"machine: {info['cpu']} x{info['cores']} | jax {info['jax']} ({info['jax_backend']}) | "
+          f"ffi kernel: {info['ffi_kernel']} | BLAS: {info['blas']} | removed env: {info['removed_blas_env']}")
+
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    header = (f"{'S':>5} {'abl':>4} {'k':>5} {'B':>4} {'variant':<17} {'median us':>10} {'vs jnp':>7} "
+              f"{'vs np':>7} {'vs best':>7} {'vs bcoo':>8} {'vs bcsr':>8} {'min us':>9} {'min vs jnp':>10}")
+    print(header)
+    for sparsity in args.sparsities:
+        for ablated in args.ablated:
+            kernel, mask, bias, alive, k = make_layer(rng, sparsity, ablated)
+            for batch in args.batches:
+                x_np = rng.standard_normal((batch, N_IN)).astype(np.float32)
+                variants = build_variants(kernel, mask, bias, alive, x_np)
+                check_outputs(variants, x_np.astype(np.float64) @ kernel + bias, alive)  # also compiles
+                times = time_interleaved(variants, args.reps, args.budget_s)
+                med = {n: float(np.median(t)) for n, t in times.items()}
+                fastest = {n: float(np.min(t)) for n, t in times.items()}
+                best_dense = min(v for n, v in med.items() if n.startswith("dense"))
+                for name, t in times.items():
+                    row = {
+                        "sparsity": sparsity, "ablated_frac": ablated, "n_active": int(alive.size), "fan_in": k,
+                        "batch": batch, "variant": name, "reps": int(t.size), "median_us": med[name] * 1e6,
+                        "p25_us": float(np.percentile(t, 25)) * 1e6, "p75_us": float(np.percentile(t, 75)) * 1e6,
+                        "min_us": fastest[name] * 1e6,
+                        "speedup_vs_dense_jnp": med["dense_jnp"] / med[name],
+                        "speedup_vs_dense_numpy": med["dense_numpy"] / med[name],
+                        "speedup_vs_best_dense": best_dense / med[name],
+                        "speedup_vs_bcoo": med["bcoo"] / med[name] if "bcoo" in med else float("nan"),
+                        "speedup_vs_bcsr": med["bcsr"] / med[name] if "bcsr" in med else float("nan"),
+                        # min-based ratio: on a shared, oversubscribed machine the fastest call is the best
+                        # estimate of the uncontended time (medians include preemptions)
+                        "min_speedup_vs_dense_jnp": fastest["dense_jnp"] / fastest[name],
+                        "min_speedup_vs_best_dense": min(v for n, v in fastest.items() if n.startswith("dense"))
+                        / fastest[name],
+                    }
+                    rows.append(row)
+                    print(f"{sparsity:5.2f} {ablated:4.1f} {k:5d} {batch:4d} {name:<17} {row['median_us']:10.1f} "
+                          f"{row['speedup_vs_dense_jnp']:6.2f}x {row['speedup_vs_dense_numpy']:6.2f}x "
+                          f"{row['speedup_vs_best_dense']:6.2f}x "
+                          f"{row['speedup_vs_bcoo']:7.2f}x {row['speedup_vs_bcsr']:7.2f}x {row['min_us']:9.1f} "
+                          f"{row['min_speedup_vs_dense_jnp']:9.2f}x", flush=True)
+    info["load_avg_end"] = os.getloadavg()
+    with open(args.out_dir / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps({"machine": info, "args": {
+        k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    plot(rows, args.out_dir / f"{stem}.png", args.batches,
+         f"{N_IN}->{N_OUT} fp32, {info['cpu']} x{info['cores']}, kernel {info['ffi_kernel']}")
+    print(f"wrote {args.out_dir / stem}.csv/.json/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

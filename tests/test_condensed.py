@@ -1,0 +1,431 @@
+"""Condensed / structured export and the condensed product (XLA and C++ FFI paths) against masked dense layers."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import srigl_jax as sj
+from srigl_jax import _ffi_kernels
+from srigl_jax.condensed import (
+    FORCE_XLA_ENV,
+    CondensedConv,
+    CondensedDense,
+    condense_kernel,
+    condensed_conv,
+    condensed_linear,
+    default_layer_order,
+    densify,
+    export_condensed,
+    export_structured,
+    use_ffi_kernel,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BACKENDS = ["xla", pytest.param("ffi", marks=pytest.mark.skipif(
+    not _ffi_kernels.available(), reason=f"C++ kernel unavailable: {_ffi_kernels.unavailable_reason()}"))]
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def random_constant_fan_in(rng: np.random.Generator, n_in: int, n_out: int, k: int, ablated: float,
+                           bias: bool = True, keep_one: bool = True):
+    """Kernel, constant fan-in mask (k inputs per active neuron, ~`ablated` neurons all-False) and bias."""
+    kernel = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    mask = np.zeros((n_in, n_out), bool)
+    for o in range(n_out):
+        mask[rng.choice(n_in, k, replace=False), o] = True
+    dead = rng.random(n_out) < ablated
+    if keep_one:
+        dead[rng.integers(n_out)] = False
+    mask[:, dead] = False
+    b = rng.standard_normal(n_out).astype(np.float32) if bias else None
+    return kernel, mask, b
+
+
+def masked_dense(x, kernel, mask, bias):
+    y = np.asarray(x, np.float64) @ (kernel * mask).astype(np.float64)
+    return y + (0.0 if bias is None else bias)
+
+
+# ---------------------------------------------------------------------------------------------- the product
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=8)
+@given(n_in=st.integers(1, 300), n_out=st.integers(1, 70), k_frac=st.floats(0.0, 1.0),
+       ablated=st.sampled_from([0.0, 0.3]), has_bias=st.booleans(), batch=st.integers(1, 256),
+       seed=st.integers(0, 2**31 - 1))
+def test_condensed_linear_equals_masked_dense(backend, n_in, n_out, k_frac, ablated, has_bias, batch, seed):
+    rng = np.random.default_rng(seed)
+    k = max(1, round(k_frac * n_in))
+    kernel, mask, bias = random_constant_fan_in(rng, n_in, n_out, k, ablated, has_bias)
+    layer = condense_kernel(kernel, mask, bias)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    y = jax.jit(lambda x, layer: condensed_linear(x, layer, backend=backend))(x, layer)
+    np.testing.assert_allclose(np.asarray(y), masked_dense(x, kernel, mask, bias), rtol=RTOL, atol=ATOL * k)
+
+
+@pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
+def test_ffi_matches_xla_on_every_batch_panel():
+    rng = np.random.default_rng(0)
+    kernel, mask, bias = random_constant_fan_in(rng, 200, 37, 19, 0.3)
+    layer = condense_kernel(kernel, mask, bias)
+    # 1: gathers only; 13 = 8 + 4 + 1; 127 = 64 + 32 + 16 + 8 + 4 + 3 gathered; 200 = 3 x 64 + 8
+    for batch in (1, 13, 127, 200):
+        x = rng.standard_normal((batch, 200)).astype(np.float32)
+        y_ffi = condensed_linear(x, layer, backend="ffi")
+        y_xla = condensed_linear(x, layer, backend="xla")
+        np.testing.assert_allclose(np.asarray(y_ffi), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y_ffi), masked_dense(x, kernel, mask, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_densify_roundtrip(backend):
+    rng = np.random.default_rng(1)
+    kernel, mask, bias = random_constant_fan_in(rng, 30, 12, 5, 0.3)
+    layer = condense_kernel(kernel, mask, bias)
+    np.testing.assert_array_equal(np.asarray(densify(layer)), kernel * mask)
+    x = rng.standard_normal((2, 3, 30)).astype(np.float32)
+    y = condensed_linear(x, layer, backend=backend)
+    assert y.shape == (2, 3, 12)
+    np.testing.assert_allclose(np.asarray(y), masked_dense(x, kernel, mask, bias), rtol=RTOL, atol=1e-4)
+
+
+def test_index_dtype_follows_fan_in():
+    rng = np.random.default_rng(2)
+    for n_in, dtype in [(32768, jnp.int16), (32769, jnp.int32)]:
+        mask = np.zeros((n_in, 2), bool)
+        mask[[0, n_in - 1], :] = True
+        layer = condense_kernel(np.ones((n_in, 2), np.float32), mask)
+        assert layer.indices.dtype == dtype
+        x = rng.standard_normal((1, n_in)).astype(np.float32)
+        for backend in ("xla", "ffi") if _ffi_kernels.available() else ("xla",):
+            y = condensed_linear(x, layer, backend=backend)
+            np.testing.assert_allclose(np.asarray(y)[0], [x[0, 0] + x[0, -1]] * 2, rtol=1e-6)
+
+
+def test_not_constant_fan_in_is_a_clear_error():
+    mask = np.zeros((6, 3), bool)
+    mask[:2, 0] = True
+    mask[:3, 1] = True  # fan-in 3 vs 2
+    with pytest.raises(ValueError, match="not constant fan-in"):
+        condense_kernel(np.ones((6, 3), np.float32), mask, name="Dense_0")
+    params = {"Dense_0": {"kernel": jnp.ones((6, 3)), "bias": jnp.zeros(3)}}
+    with pytest.raises(ValueError, match="Dense_0.*not constant fan-in"):
+        export_condensed(params, {"Dense_0": {"kernel": jnp.asarray(mask), "bias": jnp.ones(3, bool)}})
+
+
+def test_wrong_input_width_is_an_error():
+    layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))
+    with pytest.raises(ValueError, match="expects 4"):
+        condensed_linear(jnp.ones((1, 5)), layer)
+
+
+@pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
+def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes():
+    layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))
+    bad = layer.replace(indices=layer.indices.at[1, 2].set(4))  # == in_features: out of range
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(condensed_linear(jnp.ones((3, 4)), bad, backend="ffi"))
+    negative = layer.replace(indices=layer.indices.at[0, 0].set(-1))
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(condensed_linear(jnp.ones((70, 4)), negative, backend="ffi"))
+    half = jnp.ones((1, 4), jnp.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        condensed_linear(half, layer, backend="ffi")
+    # "auto" falls back to XLA for what the kernel does not implement, with the right answer
+    np.testing.assert_allclose(np.asarray(condensed_linear(half, layer), np.float32), [[4.0, 4.0]])
+
+
+def test_kernel_loads_when_first_used_inside_jit():
+    """The first use is usually inside a trace: loading (and its smoke test) must still work there."""
+    code = ("import jax, numpy as np\n"
+            "from srigl_jax import _ffi_kernels\n"
+            "from srigl_jax.condensed import condense_kernel, condensed_linear\n"
+            "layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))\n"
+            "y = jax.jit(lambda x: condensed_linear(x, layer))(np.ones((1, 4), np.float32))\n"
+            "assert np.allclose(y, 4.0)\n"
+            "print(_ffi_kernels.available(), _ffi_kernels.unavailable_reason())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = _ffi_kernels.library_path() is not None
+    assert proc.stdout.split()[0] == str(built and _ffi_kernels.available()), proc.stdout
+
+
+def test_force_xla_env(monkeypatch):
+    layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))
+    x = jnp.ones((1, 4))
+    monkeypatch.setenv(FORCE_XLA_ENV, "1")
+    assert not use_ffi_kernel(x, layer)
+    monkeypatch.setenv(FORCE_XLA_ENV, "0")
+    assert use_ffi_kernel(x, layer) == _ffi_kernels.available()
+
+
+@pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
+def test_ffi_is_thread_safe_and_threaded_results_match(monkeypatch):
+    rng = np.random.default_rng(3)
+    kernel, mask, bias = random_constant_fan_in(rng, 512, 256, 51, 0.2)
+    layer = condense_kernel(kernel, mask, bias)
+    xs = [rng.standard_normal((b, 512)).astype(np.float32) for b in (1, 9, 64, 130)]
+    monkeypatch.setenv(_ffi_kernels.MAX_THREADS_ENV, "0")  # all pool threads (read at trace time)
+    fn = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
+    expected = [np.asarray(condensed_linear(x, layer, backend="xla")) for x in xs]
+    for x in xs:  # compile first so threads only run
+        fn(x, layer).block_until_ready()
+    errors = []
+
+    def worker():
+        for _ in range(5):
+            for x, want in zip(xs, expected):
+                got = np.asarray(fn(x, layer))
+                if not np.allclose(got, want, rtol=1e-5, atol=1e-4):
+                    errors.append(np.abs(got - want).max())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    monkeypatch.setenv(_ffi_kernels.MAX_THREADS_ENV, "1")  # single-threaded kernel: same answers
+    single = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
+    for x, want in zip(xs, expected):
+        np.testing.assert_allclose(np.asarray(single(x, layer)), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_masked_dense(backend):
+    rng = np.random.default_rng(4)
+    kernel, mask, bias = random_constant_fan_in(rng, 40, 16, 7, 0.3)
+    layer = condense_kernel(kernel, mask, bias)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+
+    def loss_condensed(x, values, bias_):
+        return jnp.sum(jnp.tanh(condensed_linear(x, layer.replace(values=values, bias=bias_), backend=backend)))
+
+    def loss_dense(x, kernel_, bias_):
+        return jnp.sum(jnp.tanh(x @ (kernel_ * mask) + bias_))
+
+    gx, gv, gb = jax.grad(loss_condensed, argnums=(0, 1, 2))(x, layer.values, layer.bias)
+    dx, dk, db = jax.grad(loss_dense, argnums=(0, 1, 2))(x, kernel, bias)
+    np.testing.assert_allclose(gx, dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gb, db, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(densify(layer.replace(values=gv)), np.asarray(dk) * mask, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- conv
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding,strides", [("SAME", (1, 1)), ("VALID", (1, 1)), ("SAME", (2, 2)),
+                                             ("VALID", (2, 1))])
+def test_condensed_conv_equals_masked_conv(backend, padding, strides):
+    rng = np.random.default_rng(5)
+    kh, kw, c_in, c_out = 3, 2, 4, 6
+    k2, mask2, bias = random_constant_fan_in(rng, kh * kw * c_in, c_out, 7, 0.3)
+    kernel, mask = k2.reshape(kh, kw, c_in, c_out), mask2.reshape(kh, kw, c_in, c_out)
+    x = rng.standard_normal((2, 7, 6, c_in)).astype(np.float32)
+    want = jax.lax.conv_general_dilated(x, kernel * mask, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    layer = condense_kernel(k2, mask2, bias)
+    got = condensed_conv(jnp.asarray(x), layer, (kh, kw), strides, padding, backend=backend)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- structured
+def test_default_layer_order_is_natural():
+    params = {f"Dense_{i}": {"kernel": jnp.ones((2, 2))} for i in (10, 2, 0, 1)}
+    assert default_layer_order(params) == ["Dense_0", "Dense_1", "Dense_2", "Dense_10"]
+
+
+@pytest.mark.parametrize("activation", [jax.nn.relu, jnp.tanh])
+def test_structured_mlp_equals_masked_mlp(activation):
+    rng = np.random.default_rng(6)
+    widths = [(20, 15), (15, 12), (12, 4)]
+    params, masks = {}, {}
+    for i, (n_in, n_out) in enumerate(widths):
+        kernel, mask, bias = random_constant_fan_in(rng, n_in, n_out, min(5, n_in), 0.3 if i < 2 else 0.0)
+        bias = bias + 0.5  # relu(bias) > 0 for most neurons: the fold matters
+        params[f"Dense_{i}"] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+        masks[f"Dense_{i}"] = {"kernel": jnp.asarray(mask), "bias": jnp.ones(n_out, bool)}
+
+    def forward(p, x):
+        for i in range(3):
+            x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+            x = activation(x) if i < 2 else x
+        return x
+
+    masked = jax.tree.map(lambda w, m: w * m, params, masks)
+    small, small_masks = export_structured(params, masks, activation=activation)
+    removed = [widths[i][1] - small[f"Dense_{i}"]["kernel"].shape[1] for i in range(2)]
+    assert sum(removed) > 0 and small["Dense_2"]["kernel"].shape[1] == 4
+    x = rng.standard_normal((9, 20)).astype(np.float32)
+    np.testing.assert_allclose(forward(small, x), forward(masked, x), rtol=1e-5, atol=1e-5)
+    # inputs from removed neurons are gone, so fan-ins may differ: condensing then needs padding
+    condensed = export_condensed(small, small_masks, pad_fan_in=True)
+    assert set(condensed["Dense_1"]) == {"values", "indices", "bias", "active"}
+    x_out = MLP((small["Dense_0"]["kernel"].shape[1], small["Dense_1"]["kernel"].shape[1], 4), (True,) * 3)
+    if activation is jax.nn.relu:
+        np.testing.assert_allclose(x_out.apply({"params": condensed}, x), forward(masked, x), rtol=1e-5, atol=1e-5)
+
+
+def test_structured_conv_same_padding_fold_is_refused_when_inexact():
+    k1 = np.ones((3, 3, 1, 2), np.float32)
+    m1 = np.ones((3, 3, 1, 2), bool)
+    m1[..., 1] = False  # channel 1 ablated
+    params = {"Conv_0": {"kernel": k1, "bias": np.array([0.0, 1.0], np.float32)},
+              "Conv_1": {"kernel": np.ones((3, 3, 2, 1), np.float32), "bias": np.zeros(1, np.float32)}}
+    masks = {"Conv_0": {"kernel": m1, "bias": np.ones(2, bool)},
+             "Conv_1": {"kernel": np.ones((3, 3, 2, 1), bool), "bias": np.ones(1, bool)}}
+    with pytest.raises(ValueError, match="SAME"):
+        export_structured(params, masks)
+    params["Conv_0"]["bias"] = np.array([0.0, -1.0], np.float32)  # relu(-1) = 0: exact, allowed
+    small, _ = export_structured(params, masks)
+    assert small["Conv_1"]["kernel"].shape == (3, 3, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def load_mnist(n: int, split: str = "train", downsample: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """First n MNIST images (N, 28/d, 28/d, 1) in [0, 1] (d x d average-pooled) and labels, from data/mnist."""
+    prefix = "train" if split == "train" else "t10k"
+    with gzip.open(REPO / "data" / "mnist" / f"{prefix}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16)[: n * 784]
+    with gzip.open(REPO / "data" / "mnist" / f"{prefix}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+    side = 28 // downsample
+    images = images.reshape(n, side, downsample, side, downsample).mean(axis=(2, 4))
+    return images[..., None].astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+class MLP(nn.Module):
+    widths: tuple[int, ...]
+    condensed: tuple[bool, ...] = ()
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.widths):
+            layer = CondensedDense if (self.condensed and self.condensed[i]) else nn.Dense
+            x = layer(width, name=f"Dense_{i}")(x)
+            x = nn.relu(x) if i < len(self.widths) - 1 else x
+        return x
+
+
+class CNN(nn.Module):
+    channels: tuple[int, int] = (8, 16)
+    condensed: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        conv = CondensedConv if self.condensed else nn.Conv
+        dense = CondensedDense if self.condensed else nn.Dense
+        x = nn.relu(conv(self.channels[0], kernel_size=(3, 3), strides=(2, 2), name="Conv_0")(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = nn.relu(conv(self.channels[1], kernel_size=(3, 3), padding="VALID", name="Conv_1")(x))
+        return dense(10, name="Dense_0")(x.reshape(x.shape[0], -1))
+
+
+def train_srigl(model, params, images, labels, steps, key, sparsity=0.9, gamma_sal=0.9):
+    """Briefly train with the core SRigL API (frequent mask updates, strong ablation: gamma_sal 0.9)."""
+    algo = sj.SRigL(sparsity=sparsity, distribution="uniform", delta_t=5, t_end=int(steps * 0.75), alpha=0.3,
+                    gamma_sal=gamma_sal)
+    k_mask, k_init, k_loop = jax.random.split(key, 3)
+    masks = algo.init_masks(params, k_mask)
+    params = algo.init_params(params, masks, k_init)
+    tx = optax.chain(optax.sgd(0.05, momentum=0.9), sj.apply_masks())
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step_fn(params, opt_state, masks, x, y, key, step):
+        def loss(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads = jax.grad(loss)(params)
+        res = sj.sparse_apply(algo, tx, params, opt_state, masks, grads, key, step)
+        return res.params, res.opt_state, res.masks
+
+    batch = 128
+    for step in range(steps):
+        lo = (step * batch) % (len(images) - batch)
+        params, opt_state, masks = step_fn(params, opt_state, masks, images[lo:lo + batch], labels[lo:lo + batch],
+                                           jax.random.fold_in(k_loop, step), jnp.asarray(step))
+    return params, masks
+
+
+def check_exported_predictions(model_masked, params, masks, model_exported, exported, x):
+    masked = jax.tree.map(lambda w, m: w * m, params, masks)
+    want = model_masked.apply({"params": masked}, x)
+    got = jax.jit(model_exported.apply)({"params": exported}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
+    return float(np.mean(np.argmax(want, -1) == 0))
+
+
+def run_mlp_end_to_end(n_train, steps, widths=(256, 128, 10), min_accuracy=0.8, check_both=True):
+    images, labels = load_mnist(n_train)
+    test_x, test_y = load_mnist(500, "test")
+    model = MLP(widths)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    params, masks = train_srigl(model, params, images, labels, steps, jax.random.key(1))
+    small, small_masks = export_structured(params, masks)
+    new_widths = tuple(int(small[f"Dense_{i}"]["kernel"].shape[1]) for i in range(len(widths)))
+    assert new_widths[:-1] < widths[:-1], "training should have ablated some neurons"
+    # structured (smaller dense), condensed (full width, ablated outputs = bias), structured + condensed
+    check_exported_predictions(model, params, masks, MLP(new_widths), small, test_x)
+    condensed = export_condensed(params, masks)
+    check_exported_predictions(model, params, masks, MLP(widths, (True,) * 3), condensed, test_x)
+    if check_both:
+        both = export_condensed(small, small_masks, pad_fan_in=True)
+        check_exported_predictions(model, params, masks, MLP(new_widths, (True,) * 3), both, test_x)
+    accuracy = np.mean(np.argmax(MLP(new_widths).apply({"params": small}, test_x), -1) == test_y)
+    assert accuracy > min_accuracy, f"trained MLP accuracy {accuracy} <= {min_accuracy}"
+
+
+def run_cnn_end_to_end(n_train, steps, channels=(8, 16), downsample=1):
+    images, labels = load_mnist(n_train, downsample=downsample)
+    test_x, _ = load_mnist(200, "test", downsample=downsample)
+    model = CNN(channels)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    params, masks = train_srigl(model, params, images, labels, steps, jax.random.key(2), sparsity=0.8)
+    assert any(not np.asarray(masks[p]["kernel"]).any(axis=(0, 1, 2)).all() for p in ("Conv_0", "Conv_1")), \
+        "training should have ablated some channels"
+    condensed = export_condensed(params, masks)
+    check_exported_predictions(model, params, masks, CNN(condensed=True), condensed, test_x)
+    small, _ = export_structured(params, masks, ["Conv_0", "Conv_1", "Dense_0"], conv_padding="VALID")
+    new_channels = (int(small["Conv_0"]["kernel"].shape[-1]), int(small["Conv_1"]["kernel"].shape[-1]))
+    check_exported_predictions(model, params, masks, CNN(new_channels), small, test_x)
+
+
+def test_mnist_mlp_end_to_end_small():
+    # structured + condensed together is covered by test_structured_mlp_equals_masked_mlp here
+    run_mlp_end_to_end(n_train=2048, steps=30, widths=(64, 32, 10), min_accuracy=0.2, check_both=False)
+
+
+def test_mnist_cnn_end_to_end_small():
+    run_cnn_end_to_end(n_train=1024, steps=12, channels=(4, 8), downsample=2)
+
+
+@pytest.mark.slow
+def test_mnist_mlp_and_cnn_end_to_end_full():
+    run_mlp_end_to_end(n_train=20000, steps=600)
+    run_cnn_end_to_end(n_train=10000, steps=300)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark smoke
+def test_benchmark_quick_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "condensed_linear.py"), "--quick",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "condensed_linear_quick.csv").exists()
+    assert "condensed" in proc.stdout

@@ -1,0 +1,63 @@
+"""Helpers shared by the train/ tests (kept in the package so every test file uses the same code)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+
+import srigl_jax as sj
+
+
+# A 24-step mnist_mlp run with mask updates at 5, 10, 15 and eval/checkpoints every 8 steps. Tests that train
+# use exactly these settings so the compiled train step is shared through the on-disk compilation cache.
+TINY_RUN = dict(steps=24, delta_t=5, eval_every=8, ckpt_every=8, log_every=4, progress=False)
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(directory: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Enable JAX's on-disk compilation cache (restored afterwards): repeated end-to-end runs in the tests
+    compile the same train step, and recompiling it costs tens of seconds on 2 CPU cores."""
+    path = Path(directory or Path(tempfile.gettempdir()) / "srigl_jax_test_compile_cache")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        yield path
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+
+
+def constant_fan_in_violations(params, masks, plans: dict[str, sj.LayerPlan]) -> list[str]:
+    """Check the SRigL invariants on every sparse layer; returns human-readable violations (empty = OK).
+
+    Every active neuron has the same fan-in k', nnz == k' * active neurons <= T, and every masked weight is
+    exactly 0.
+    """
+    leaves = dict(sj.paths.named_leaves(params)[0])
+    mask_leaves = dict(sj.paths.named_leaves(masks)[0])
+    problems = []
+    for path, plan in plans.items():
+        if plan.is_dense:
+            continue
+        w, m = np.asarray(leaves[path]), np.asarray(mask_leaves[path])
+        fan_in = m.reshape(-1, m.shape[-1]).sum(axis=0)
+        active = fan_in > 0
+        if len(set(fan_in[active].tolist())) > 1:
+            problems.append(f"{path}: active neurons have different fan-ins {sorted(set(fan_in[active].tolist()))}")
+        k = int(fan_in[active].max()) if active.any() else 0
+        if int(m.sum()) != k * int(active.sum()):
+            problems.append(f"{path}: nnz {int(m.sum())} != k' {k} * active {int(active.sum())}")
+        if int(m.sum()) > plan.nnz_budget:
+            problems.append(f"{path}: nnz {int(m.sum())} exceeds budget {plan.nnz_budget}")
+        if np.any(w[~m] != 0):
+            problems.append(f"{path}: {int(np.sum(w[~m] != 0))} masked weights are non-zero")
+    return problems
