@@ -4,6 +4,7 @@ Masks are boolean pytrees alongside params; ``update_masks`` is pure and jit-abl
 optax transform; ``sparse_apply`` runs one full sparse training update.
 """
 
+from srigl_jax import analysis  # noqa: F401  (plotting is imported separately: it selects a backend)
 from srigl_jax.algorithms import (
     SET,
     DynamicSparsity,
@@ -13,6 +14,15 @@ from srigl_jax.algorithms import (
     Static,
     any_nonfinite,
 )
+from srigl_jax.condensed import (
+    CondensedConv,
+    CondensedDense,
+    CondensedLinear,
+    condensed_conv,
+    condensed_linear,
+    export_condensed,
+    export_structured,
+)
 from srigl_jax.metrics import init_itop, itop_rate, sparsity_metrics, update_itop
 from srigl_jax.optim import SparseApplyResult, apply_masks, reset_optimizer_state, sparse_apply
 from srigl_jax.paths import path_str
@@ -21,6 +31,14 @@ from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, LayerPl
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis",
+    "CondensedConv",
+    "CondensedDense",
+    "CondensedLinear",
+    "condensed_conv",
+    "condensed_linear",
+    "export_condensed",
+    "export_structured",
     "DEFAULT_DENSE_PATHS",
     "DEFAULT_SPARSE_PATTERN",
     "DynamicSparsity",

@@ -1,5 +1,4 @@
 """Checkpoints: kill-and-resume is bit-identical, retention (last n + best), clear errors, nothing overwritten."""
-import os
 from pathlib import Path
 
 import jax

@@ -87,7 +87,7 @@ def test_every_method_trains(tmp_path, method):
     result = train(cfg)
     assert result.summary["test_accuracy"] > 0.9
     if method == "dense":
-        assert result.summary["global_sparsity"] == 0.0
+        assert abs(result.summary["global_sparsity"]) < 1e-6  # core metrics are float32
     else:
         assert abs(result.summary["global_sparsity"] - 0.95) < 0.01
 

@@ -13,7 +13,7 @@ import os
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm

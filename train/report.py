@@ -79,15 +79,14 @@ def summary_text(summary: dict[str, Any]) -> str:
 
 def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """PNG: accuracy (train, test) and global sparsity / active-neuron fraction / ITOP over steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches the backend of a notebook using us
 
     def series(key):
         pts = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
         return tuple(zip(*pts)) if pts else ((), ())
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for key, label in (("train_accuracy", "train (batch)"), ("test_accuracy", "test")):
         x, y = series(key)
         if x:
@@ -108,5 +107,4 @@ def plot_metrics(records: list[dict[str, Any]], path: str | Path, title: str = "
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
