@@ -5,6 +5,7 @@ methods are pure functions over pytrees (params, grads, masks) and run under ``j
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import jax
@@ -19,6 +20,7 @@ from srigl_jax.selection import magnitude_score, perturb_ties
 
 PyTree = Any
 _INITS = ("sparse_he", "reference_2_over_k", "keep")
+_MASK_STREAM, _WEIGHT_STREAM = 0x6D61736B, 0x77676874  # independent random streams for masks and weights
 
 
 class MaskUpdateInfo(NamedTuple):
@@ -66,7 +68,7 @@ class DynamicSparsity:
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, Mapping):
-            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not (
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, numbers.Real) or not (
                 0.0 <= float(self.sparsity) < 1.0
             ):
                 raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
@@ -120,6 +122,9 @@ class DynamicSparsity:
         """Boolean masks with the structure and shapes of ``params``; non-sparse leaves all True."""
         leaves, treedef = jax.tree.flatten(params)
         masks = [jnp.ones(jnp.shape(x), bool) for x in leaves]
+        # Own key stream: with the same key as init_params the kept positions (top uniform draws) would
+        # get the top normal draws too, i.e. all-positive initial weights.
+        key = jax.random.fold_in(key, _MASK_STREAM)
         for j, (i, plan) in enumerate(self._sparse_leaves(params)):
             matrix = self._init_layer_mask(jax.random.fold_in(key, j), plan)
             masks[i] = matrix.reshape(plan.shape)
@@ -136,6 +141,7 @@ class DynamicSparsity:
         leaves, treedef = jax.tree.flatten(params)
         mask_leaves = jax.tree.leaves(masks)
         out = list(leaves)
+        key = jax.random.fold_in(key, _WEIGHT_STREAM)
         for j, (i, plan) in enumerate(self._sparse_leaves(params)):
             w, m = leaves[i], mask_leaves[i]
             if self.init == "keep":

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.layer_updates import neuron_fan_in
+from srigl_jax.layer_updates import neuron_fan_in as _core_neuron_fan_in
 from srigl_jax.metrics import init_itop, itop_rate, update_itop
 from srigl_jax.paths import path_str
 from srigl_jax.plans import LayerPlan
@@ -358,7 +358,7 @@ def neuron_fan_in(mask: np.ndarray | jax.Array) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim < 2:
         raise ValueError(f"expected a kernel mask with >= 2 dims, got shape {m.shape}")
-    return np.asarray(neuron_fan_in(jnp.asarray(m, bool)))
+    return np.asarray(_core_neuron_fan_in(jnp.asarray(m, bool)))
 
 
 def fan_in_by_layer(masks: Any, plans: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:

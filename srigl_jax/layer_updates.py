@@ -35,7 +35,11 @@ def to_rows(x: jax.Array) -> jax.Array:
 
 
 def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(n_prune, n_keep) with n_prune = floor(nnz * d) (spec step 1)."""
+    """(n_prune, n_keep) with n_prune = floor(nnz * d) (spec step 1).
+
+    The product is float32 (no x64 under jit): above 2^24 nonzeros in one layer n_prune may differ from the
+    exact floor by one; n_keep = nnz - n_prune stays consistent, so no invariant depends on it.
+    """
     n_active = jnp.sum(mask, dtype=jnp.int32)
     n_prune = jnp.floor(n_active.astype(jnp.float32) * drop_frac).astype(jnp.int32)
     return n_prune, n_active - n_prune

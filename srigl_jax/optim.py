@@ -94,9 +94,12 @@ def sparse_apply(
        ``algo.init_grad_accumulator``) is given;
     2. ``algo.update_masks`` (a no-op except on update steps);
     3. optimizer state of weights not active before and after is reset to 0 (update steps only);
-    4. the optimizer step with ``masks=`` passed to the transform (use ``apply_masks()`` in ``tx``).
+    4. the optimizer step on the gradient of the weights active before and after the update (so grown
+       weights leave this step at exactly 0 with zero optimizer state), with ``masks=`` passed to the
+       transform (use ``apply_masks()`` in ``tx``).
     With ``skip_nonfinite`` a step whose grads or params hold NaN/Inf leaves params, masks and optimizer
-    state untouched (``info.nonfinite`` reports it), so one bad batch never poisons the run.
+    state untouched (``info.nonfinite`` reports it), so one bad batch never poisons the run; a mask update
+    due on such a step is skipped, not retried.
     With several devices, pass grads already averaged across devices so masks agree everywhere.
     """
     growth, old_grad_acc = grads, grad_acc
@@ -112,7 +115,12 @@ def sparse_apply(
         lambda s: s,
         opt_state,
     )
-    updates, new_opt_state = tx.update(grads, new_opt_state, new_params, masks=new_masks)
+    # Only weights active before and after see this step's gradient: inactive positions never reach the
+    # optimizer (global-norm clipping sees the sparse gradient), grown weights stay at 0 with zero state.
+    opt_grads = jax.tree.map(
+        lambda g, old, new: jnp.where(old & new, g, jnp.zeros((), g.dtype)), grads, masks, new_masks
+    )
+    updates, new_opt_state = tx.update(opt_grads, new_opt_state, new_params, masks=new_masks)
     new_params = optax.apply_updates(new_params, updates)
     if skip_nonfinite:
         keep_old = info.nonfinite

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -72,9 +74,11 @@ def sparse_candidates(
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS,
     dense_first_layer: bool = False,
 ) -> tuple[list[tuple[str, tuple[int, ...]]], set[str]]:
-    """Candidate (path, shape) pairs in natural path order, and the subset forced dense."""
-    import re
+    """Candidate (path, shape) pairs in natural path order, and the subset forced dense.
 
+    ``dense_first_layer`` picks the first top-level (``"name/kernel"``) conv kernel (the stem or patch
+    embedding), else the first top-level kernel, in natural path order.
+    """
     candidates = []
     for path, leaf in named_leaves(params)[0]:
         if re.search(sparse_pattern, path) and getattr(leaf, "ndim", 0) >= 2:
@@ -88,8 +92,21 @@ def sparse_candidates(
     candidates.sort(key=lambda c: natural_key(c[0]))
     forced_dense = {p for p, _ in candidates if matches_any(p, dense_paths)}
     if dense_first_layer:
-        forced_dense.add(candidates[0][0])
+        top = _top_level(candidates)
+        forced_dense.add(([c for c in top if len(c[1]) >= 3] or top)[0][0])
     return candidates, forced_dense
+
+
+def _top_level(candidates: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+    """Candidates owned by a top-level module ("Dense_0/kernel", "head/kernel"), else all of them: nested
+    ones ("block3/conv1/kernel") are never the network's first layer or its classifier."""
+    return [c for c in candidates if c[0].count("/") == 1] or candidates
+
+
+def default_classifier(candidates: list[tuple[str, tuple[int, ...]]]) -> str:
+    """The classifier: the last top-level Dense (2-D) kernel in natural path order."""
+    top = _top_level(candidates)
+    return ([c for c in top if len(c[1]) == 2] or top)[-1][0]
 
 
 def erk_raw_density(shape: Sequence[int]) -> float:
@@ -150,7 +167,7 @@ def layer_sparsities(
 
 
 def _check_sparsity(s: Any, where: str) -> None:
-    if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0.0 <= float(s) < 1.0):
+    if not isinstance(s, numbers.Real) or isinstance(s, bool) or not (0.0 <= float(s) < 1.0):
         raise ValueError(f"sparsity must be a number in [0, 1), got {s!r} ({where})")
 
 
@@ -166,8 +183,9 @@ def build_plans(
 ) -> dict[str, LayerPlan]:
     """LayerPlans for all sparse candidates of ``params`` (dense ones included with sparsity 0).
 
-    ``ablation_exempt=None`` exempts the classifier: the last candidate in natural path order.
-    Raises if a sparse layer would get a fan-in k0 of 0.
+    ``ablation_exempt=None`` exempts the classifier (``default_classifier``).
+    Raises if a sparse layer would get a fan-in k0 of 0, or if an attention in-projection kernel of a Flax
+    ``DenseGeneral`` (in, heads, head_dim), whose neurons span two axes, is asked to be sparse.
     """
     candidates, forced_dense = sparse_candidates(
         params,
@@ -178,12 +196,17 @@ def build_plans(
     shapes = dict(candidates)
     sparsities = layer_sparsities(shapes, sparsity, distribution, forced_dense)
     if ablation_exempt is None:
-        exempt = {candidates[-1][0]}
+        exempt = {default_classifier(candidates)}
     else:
         exempt = {p for p in shapes if matches_any(p, ablation_exempt)}
     plans = {}
     for path, shape in candidates:
         plan = LayerPlan(path, shape, sparsities[path], ablatable=path not in exempt)
+        if plan.sparsity > 0 and len(shape) == 3 and re.search(DEFAULT_DENSE_PATHS[0], path):
+            raise ValueError(
+                f"{path!r} {shape}: a DenseGeneral in-projection (in, heads, head_dim) has neurons over two "
+                "axes, which is not supported sparse; keep it in dense_paths (the default)"
+            )
         if plan.k0 < 1:
             raise ValueError(
                 f"layer {path!r} {shape} at sparsity {plan.sparsity:.4f} keeps {plan.nnz_budget} weights "

@@ -150,3 +150,15 @@ def test_initial_masks_and_params(layer_idx, seed):
     w = np.asarray(to_rows(new["layer"]["kernel"]))
     assert (w[~rows] == 0).all() and (w[rows] != 0).all()
     np.testing.assert_array_equal(new["layer"]["bias"], params["layer"]["bias"])
+
+
+def test_initial_weights_are_unbiased_with_one_key():
+    """init_masks and init_params draw from independent streams: the same key must not give the kept
+    positions the top normal draws (all-positive weights)."""
+    params = {"layer": {"kernel": jnp.zeros((200, 50))}, "head": {"kernel": jnp.zeros((50, 3))}}
+    algo = sj.SRigL(sparsity=0.9, distribution="uniform", t_end=10)
+    key = jax.random.key(7)
+    masks = algo.init_masks(params, key)
+    w = np.asarray(algo.init_params(params, masks, key)["layer"]["kernel"])[np.asarray(masks["layer"]["kernel"])]
+    assert 0.4 < (w > 0).mean() < 0.6  # 1000 weights: +-6 sigma
+    np.testing.assert_allclose(w.std(), np.sqrt(2 / 20), rtol=0.15)  # k0 = 20 -> std sqrt(2/k)

@@ -151,3 +151,37 @@ def test_growth_gradient_averaging_window():
         if step == 5:
             np.testing.assert_allclose(algo.averaged_grads(acc)["w"], [4.0, 4.0])  # mean of steps 3, 4, 5
     np.testing.assert_allclose(algo.averaged_grads(acc)["w"], [9.0, 9.0])  # mean of 8, 9, 10
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw", "chain_clip_adam"])
+def test_grown_weights_leave_the_update_step_at_zero_with_zero_state(name):
+    """Spec step 9: grown weights start at 0 and their optimizer state is reset, even though the optimizer
+    also steps on the update step; inactive positions never reach the optimizer (clipping sees the sparse
+    gradient)."""
+    algo = sj.SRigL(sparsity=0.5, distribution="uniform", delta_t=1, t_end=10, gamma_sal=None)
+    tx = optax.chain(OPTIMIZERS[name](), sj.apply_masks())
+    key = jax.random.key(0)
+    params = tiny_params()
+    masks = algo.init_masks(params, key)
+    params = algo.init_params(params, masks, key)
+    state = tx.init(params)
+    res = sj.sparse_apply(algo, tx, params, state, masks, mse_grads(params, 1), key, jnp.int32(1))
+    old, new = np.asarray(masks["Dense_0"]["kernel"]), np.asarray(res.masks["Dense_0"]["kernel"])
+    grown = new & ~old
+    assert grown.any()
+    assert (np.asarray(res.params["Dense_0"]["kernel"])[grown] == 0).all()
+    for leaf in jax.tree.leaves(res.opt_state):
+        if np.shape(leaf) == old.shape:
+            assert (np.asarray(leaf)[grown] == 0).all()
+
+
+def test_clipping_sees_only_active_gradients():
+    algo = sj.Static(sparsity=0.5, distribution="uniform")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0), sj.apply_masks())
+    params = {"w": {"kernel": jnp.zeros((4, 2))}}
+    masks = {"w": {"kernel": jnp.array([[True, False]] * 4)}}
+    grads = {"w": {"kernel": jnp.array([[0.3, 100.0]] * 4)}}  # huge gradients only where inactive
+    res = sj.sparse_apply(algo, tx, params, tx.init(params), masks, grads, jax.random.key(0), jnp.int32(1))
+    # active gradient norm 0.6 < 1: no clipping, so the active weights move by exactly -0.3
+    np.testing.assert_allclose(np.asarray(res.params["w"]["kernel"])[:, 0], -0.3, rtol=1e-6)
+    assert (np.asarray(res.params["w"]["kernel"])[:, 1] == 0).all()

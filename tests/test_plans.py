@@ -76,9 +76,30 @@ def test_default_filter_natural_order_and_classifier_exemption():
     assert list(plans) == ["Dense_0/kernel", "Dense_2/kernel", "Dense_10/kernel",
                            "attn/out/kernel", "attn/query/kernel"]
     assert plans["attn/query/kernel"].is_dense
-    assert [p for p, pl in plans.items() if not pl.ablatable] == ["attn/query/kernel"]
-    plans = build_plans({k: v for k, v in mlp_params().items() if k != "attn"}, 0.5, "uniform")
+    # The classifier is the last top-level Dense kernel, not the last path (attn/query).
     assert [p for p, pl in plans.items() if not pl.ablatable] == ["Dense_10/kernel"]
+
+
+def test_default_first_layer_and_classifier_follow_the_network_not_the_alphabet():
+    # ResNet-like names: natural path order puts "head" before "stem" and nests the blocks.
+    params = {"stem": {"kernel": jnp.zeros((3, 3, 3, 16))},
+              "block0": {"conv1": {"kernel": jnp.zeros((3, 3, 16, 16))}},
+              "block1": {"conv1": {"kernel": jnp.zeros((3, 3, 16, 16))}},
+              "head": {"kernel": jnp.zeros((16, 10))}}
+    plans = build_plans(params, 0.5, "uniform", dense_first_layer=True)
+    assert [p for p, pl in plans.items() if pl.is_dense] == ["stem/kernel"]
+    assert [p for p, pl in plans.items() if not pl.ablatable] == ["head/kernel"]
+
+
+def test_sparse_densegeneral_in_projection_is_rejected():
+    params = {"attn": {"query": {"kernel": jnp.zeros((16, 4, 8))}}, "out": {"kernel": jnp.zeros((160, 100))}}
+    with pytest.raises(ValueError, match="attn/query/kernel.*DenseGeneral"):
+        build_plans(params, 0.5, "uniform", dense_paths=())
+    assert build_plans(params, 0.5, "uniform")["attn/query/kernel"].is_dense  # default: kept dense
+
+
+def test_numpy_scalar_sparsity_is_accepted():
+    assert sj.SRigL(sparsity=np.float32(0.9), t_end=10).sparsity == np.float32(0.9)
 
 
 def test_dense_first_layer_and_explicit_exemptions():

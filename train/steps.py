@@ -128,7 +128,7 @@ def _train_step_body(state: TrainState, batch: Batch, *, loss_fn: LossFn, algo: 
         itop=sj.update_itop(state.itop, res.masks),
         model_state=model_state,
     )
-    metrics = {"loss": loss, "accuracy": accuracy, "nonfinite": res.info.nonfinite, "updated": res.info.updated}
+    metrics = {"loss": loss, "accuracy": accuracy, "nonfinite": res.info.nonfinite, "updated": res.info.updated & ~res.info.nonfinite}
     return new_state, metrics
 
 
