@@ -1,6 +1,6 @@
 """Condensed and structured inference for constant fan-in sparse layers.
 
-Two exports of a trained SRigL model (see ``docs/condensed.md``):
+Two exports of a trained SRigL model (see the README, "Condensed inference"):
 
 * :func:`export_structured` drops ablated neurons (all-False mask columns) and the matching input rows of the
   next layer, folding the dropped neurons' constant output ``act(bias)`` into the next layer's bias. The result

@@ -102,31 +102,42 @@ def sparse_apply(
     due on such a step is skipped, not retried.
     With several devices, pass grads already averaged across devices so masks agree everywhere.
     """
-    growth, old_grad_acc = grads, grad_acc
-    if grad_acc is not None:
-        grad_acc = algo.accumulate_grads(grad_acc, grads, step)
-        growth = algo.averaged_grads(grad_acc)
-    new_params, new_masks, info = algo.update_masks_with_info(params, growth, masks, key, step)
-    if grad_acc is not None:  # outside the averaging window this step's grads are not in `growth`
-        info = info._replace(nonfinite=info.nonfinite | any_nonfinite(grads))
-    new_opt_state = lax.cond(
-        info.updated,
-        lambda s: reset_optimizer_state(tx, s, masks, new_masks),
-        lambda s: s,
-        opt_state,
-    )
-    # Only weights active before and after see this step's gradient: inactive positions never reach the
-    # optimizer (global-norm clipping sees the sparse gradient), grown weights stay at 0 with zero state.
-    opt_grads = jax.tree.map(
-        lambda g, old, new: jnp.where(old & new, g, jnp.zeros((), g.dtype)), grads, masks, new_masks
-    )
-    updates, new_opt_state = tx.update(opt_grads, new_opt_state, new_params, masks=new_masks)
-    new_params = optax.apply_updates(new_params, updates)
-    if skip_nonfinite:
-        keep_old = info.nonfinite
-        new_params, new_opt_state, new_masks, grad_acc = jax.tree.map(
-            lambda old, new: jnp.where(keep_old, old, new),
-            (params, opt_state, masks, old_grad_acc),
-            (new_params, new_opt_state, new_masks, grad_acc),
+    nonfinite = any_nonfinite(grads)
+    if skip_nonfinite:  # checked before any work, so the cond below skips it all
+        info = MaskUpdateInfo(
+            algo.is_update_step(step), nonfinite | any_nonfinite(params), algo.drop_fraction(step)
         )
+
+    def step_once(_):
+        growth, acc = grads, grad_acc
+        if acc is not None:
+            acc = algo.accumulate_grads(acc, grads, step)
+            growth = algo.averaged_grads(acc)
+        new_params, new_masks, step_info = algo.update_masks_with_info(params, growth, masks, key, step)
+        new_opt_state = lax.cond(
+            step_info.updated,
+            lambda s: reset_optimizer_state(tx, s, masks, new_masks),
+            lambda s: s,
+            opt_state,
+        )
+        # Only weights active before and after see this step's gradient: inactive positions never reach
+        # the optimizer (global-norm clipping sees the sparse gradient), grown weights stay at 0 with zero
+        # optimizer state.
+        opt_grads = jax.tree.map(
+            lambda g, old, new: jnp.where(old & new, g, jnp.zeros((), g.dtype)), grads, masks, new_masks
+        )
+        updates, new_opt_state = tx.update(opt_grads, new_opt_state, new_params, masks=new_masks)
+        return optax.apply_updates(new_params, updates), new_opt_state, new_masks, acc, step_info
+
+    if not skip_nonfinite:
+        new_params, new_opt_state, new_masks, grad_acc, info = step_once(None)
+        info = info._replace(nonfinite=info.nonfinite | nonfinite)
+        return SparseApplyResult(new_params, new_opt_state, new_masks, grad_acc, info)
+
+    def unchanged(_):
+        return params, opt_state, masks, grad_acc
+
+    new_params, new_opt_state, new_masks, grad_acc = lax.cond(
+        info.nonfinite, unchanged, lambda _: step_once(_)[:4], None
+    )
     return SparseApplyResult(new_params, new_opt_state, new_masks, grad_acc, info)
