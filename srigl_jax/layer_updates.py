@@ -60,15 +60,15 @@ def srigl_active_neurons(
     n_keep: jax.Array,
     theta: int,
     min_active: int,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Neurons that survive ablation (spec steps 2-5): salient count >= theta, lowered if needed so
-    that at least ``min_active`` neurons survive."""
-    salient = top_n_mask(w_score, mask, n_keep) | top_n_mask(
-        g_score, jnp.ones_like(mask), n_prune
-    )
+    that at least ``min_active`` neurons survive. Also returns the top-n_keep-|w| selection, which is
+    the drop step's selection whenever no neuron is ablated."""
+    keep_by_w = top_n_mask(w_score, mask, n_keep)
+    salient = keep_by_w | top_n_mask(g_score, jnp.ones_like(mask), n_prune)
     counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
     floor_theta = kth_largest(counts, min_active)
-    return counts >= jnp.minimum(theta, floor_theta)
+    return counts >= jnp.minimum(theta, floor_theta), keep_by_w
 
 
 def srigl_layer_mask(
@@ -87,16 +87,23 @@ def srigl_layer_mask(
     ablate = gamma_sal is not None and plan.ablatable
     n_prune, n_keep = prune_counts(mask, drop_frac)
     if ablate:
-        active = srigl_active_neurons(
+        active, keep_by_w = srigl_active_neurons(
             w_score, g_score, mask, n_prune, n_keep,
             salience_threshold(gamma_sal, plan.k0), plan.min_active,
         )
     else:
-        active = jnp.ones(mask.shape[1], bool)
+        active, keep_by_w = jnp.ones(mask.shape[1], bool), None
     k_new = plan.nnz_budget // jnp.sum(active, dtype=jnp.int32)
     # Step 7: global magnitude drop among surviving neurons, then cap each neuron at k' (only needed
     # when k' shrank, e.g. after neurons were revived, so the per-row pass is skipped otherwise).
-    keep = top_n_mask(w_score, mask & active[None, :], n_keep)
+    if keep_by_w is None:
+        keep = top_n_mask(w_score, mask, n_keep)
+    else:  # the salience pass already selected it unless some neuron was ablated
+        keep = lax.cond(
+            jnp.all(active),
+            lambda: keep_by_w,
+            lambda: top_n_mask(w_score, mask & active[None, :], n_keep),
+        )
     kept_per_neuron = jnp.sum(keep, axis=0, dtype=jnp.int32)
     keep = lax.cond(
         jnp.any(kept_per_neuron > k_new),
