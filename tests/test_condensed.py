@@ -396,7 +396,10 @@ def run_cnn_end_to_end(n_train, steps, channels=(8, 16), downsample=1):
     test_x, _ = load_mnist(200, "test", downsample=downsample)
     model = CNN(channels)
     params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
-    params, masks = train_srigl(model, params, images, labels, steps, jax.random.key(2), sparsity=0.8)
+    # gamma_sal = 7 (an absolute count, = k0 of Conv_1): channels with fewer than 7 salient weights are
+    # ablated, so the exports below really have channels to remove.
+    params, masks = train_srigl(model, params, images, labels, steps, jax.random.key(2), sparsity=0.8,
+                                gamma_sal=7.0)
     assert any(not np.asarray(masks[p]["kernel"]).any(axis=(0, 1, 2)).all() for p in ("Conv_0", "Conv_1")), \
         "training should have ablated some channels"
     condensed = export_condensed(params, masks)

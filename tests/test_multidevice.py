@@ -331,7 +331,8 @@ def test_eval_sums_match_single_device(results, name):
     got, want = results[name]["eval"], results["single"]["eval"]
     assert float(want["count"]) == 30.0   # the 2 padding examples are excluded
     assert float(got["count"]) == 30.0 and float(got["correct"]) == float(want["correct"])
-    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-9)
+    # The eval loss is a float32 sum whose reduction order differs across devices: 1 ulp apart is expected.
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
