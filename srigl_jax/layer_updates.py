@@ -29,11 +29,6 @@ def neuron_fan_in(mask: jax.Array) -> jax.Array:
     return jnp.sum(as_matrix(mask), axis=0, dtype=jnp.int32)
 
 
-def to_rows(x: jax.Array) -> jax.Array:
-    """Kernel (..., n_neurons) -> (n_neurons, fan_in): one row per neuron (for inspection and export)."""
-    return x.reshape(-1, x.shape[-1]).T
-
-
 def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(n_prune, n_keep) with n_prune = floor(nnz * d) (spec step 1).
 

@@ -9,7 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import srigl_jax as sj
-from srigl_jax.layer_updates import to_rows  # one row per neuron
+from srigl_jax.layer_updates import as_matrix
+
+
+def to_rows(x):
+    """One row per neuron: the transposed (fan_in, neurons) view."""
+    return as_matrix(x).T
 
 # (kernel shape, sparsity): Dense and Conv layouts, 0.5 .. 0.99. A few fixed configs keep jit caches warm;
 # weights, gradients, masks, drop fractions (via the step) and NaNs vary per example.
