@@ -5,16 +5,16 @@ neurons (SRigL keeps the nonzero budget, so ablation raises k' of the surviving 
 Variants, all timed interleaved in this one process (each repetition runs every variant once, so machine noise
 hits all of them alike): dense_jnp (jit matmul), dense_numpy (BLAS), dense_numpy_1t (BLAS limited to one thread
 with threadpoolctl; "best dense" = the fastest dense variant of each configuration), structured (dense matmul on the active
-neurons only), condensed_xla, condensed_ffi (C++ kernel, default: one thread) and condensed_ffi_pool (all
-threads of XLA's CPU pool),
+neurons only), condensed_xla, condensed_ffi (C++ kernel, default: the caller plus XLA's CPU thread pool) and
+condensed_ffi_1t (the kernel on one thread),
 bcoo and bcsr (jax.experimental.sparse, unstructured). Prints medians and ratios, writes CSV, JSON and a
 log-scale PNG into bench/results/.
 
     python bench/condensed_linear.py            # full run (a few minutes)
     python bench/condensed_linear.py --quick    # smoke run (seconds)
 
-OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines, they can slow numpy's BLAS) are removed by
-re-executing this script without them; the BLAS in use is reported (threadpoolctl).
+The script re-executes itself once with OpenBLAS settings fixed (see _BLAS_ENV_* below); the BLAS in use is
+reported (threadpoolctl).
 """
 
 from __future__ import annotations
@@ -28,10 +28,18 @@ import platform
 import sys
 import time
 
-_BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-if any(v in os.environ for v in _BLAS_ENV) and os.environ.get("SRIGL_BENCH_REEXEC") != "1":
-    removed = {v: os.environ[v] for v in _BLAS_ENV if v in os.environ}
-    env = {k: v for k, v in os.environ.items() if k not in _BLAS_ENV}  # noqa: SIM118
+# OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines) can slow numpy's BLAS: removed. OpenBLAS threads
+# spin for up to 2^28 cycles (~0.1 s) after each call by default, taking a core from whatever variant runs
+# next in the interleaved timing; OPENBLAS_THREAD_TIMEOUT=4 (the minimum) makes them sleep promptly. Both are
+# read when OpenBLAS loads, so the script re-executes itself with the adjusted environment.
+_BLAS_ENV_REMOVED = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+_BLAS_ENV_SET = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+if os.environ.get("SRIGL_BENCH_REEXEC") != "1" and (
+        any(v in os.environ for v in _BLAS_ENV_REMOVED)
+        or any(os.environ.get(k) != v for k, v in _BLAS_ENV_SET.items())):
+    removed = {v: os.environ[v] for v in _BLAS_ENV_REMOVED if v in os.environ}
+    env = {k: v for k, v in os.environ.items() if k not in _BLAS_ENV_REMOVED}  # noqa: SIM118
+    env.update(_BLAS_ENV_SET)
     env["SRIGL_BENCH_REEXEC"] = "1"
     env["SRIGL_BENCH_REMOVED_BLAS_ENV"] = json.dumps(removed)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -69,6 +77,7 @@ def machine_info() -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "jax": jax.__version__, "numpy": np.__version__, "jax_backend": jax.default_backend(),
         "blas": blas, "removed_blas_env": json.loads(os.environ.get("SRIGL_BENCH_REMOVED_BLAS_ENV", "{}")),
+        "blas_env_set": {k: os.environ.get(k) for k in _BLAS_ENV_SET},
         "ffi_kernel": _ffi_kernels.kernel_isa() or f"unavailable: {_ffi_kernels.unavailable_reason()}",
         "load_avg_start": os.getloadavg(),
     }
@@ -128,11 +137,12 @@ def build_variants(kernel, mask, bias, alive, x_np):
     except ImportError:
         pass
     if _ffi_kernels.available():
-        ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
-        ffi_pool = jax.jit(with_env(_ffi_kernels.MAX_THREADS_ENV, "0",
-                                    lambda x, layer: condensed_linear(x, layer, backend="ffi")))
+        ffi = jax.jit(with_env(_ffi_kernels.MAX_THREADS_ENV, "0",
+                               lambda x, layer: condensed_linear(x, layer, backend="ffi")))
+        ffi_1t = jax.jit(with_env(_ffi_kernels.MAX_THREADS_ENV, "1",
+                                  lambda x, layer: condensed_linear(x, layer, backend="ffi")))
         variants["condensed_ffi"] = lambda: ffi(x, layer).block_until_ready()
-        variants["condensed_ffi_pool"] = lambda: ffi_pool(x, layer).block_until_ready()
+        variants["condensed_ffi_1t"] = lambda: ffi_1t(x, layer).block_until_ready()
     # unstructured baselines
     w_bcoo = sparse.BCOO.fromdense(w)
     w_bcsr = sparse.BCSR.fromdense(w.T)  # (out, in) rows: y^T = W^T x^T

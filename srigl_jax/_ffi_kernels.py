@@ -4,10 +4,10 @@ The shared library ``srigl_jax/_condensed_kernel*.so`` is compiled by ``pip inst
 failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.condensed then uses
 its pure-XLA path. Environment:
   SRIGL_JAX_CONDENSED_FORCE_XLA=1     never use the kernel (checked when a function is traced)
-  SRIGL_JAX_CONDENSED_MAX_THREADS=n   threads of the kernel (default 1; 0 = the XLA CPU thread pool + caller).
-      One thread is the default: on the shared 2-core benchmark machine the pool-threaded kernel lost to the
-      single-threaded one in most configurations (pool threads are often busy or descheduled, and a call
-      waits for its slowest chunk), and one thread composes with XLA running other ops in parallel.
+  SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: the caller plus XLA's CPU thread pool;
+      1 keeps the kernel on the calling thread, e.g. when XLA already runs other ops in parallel)
+  SRIGL_JAX_CONDENSED_ISA=name        cap the instruction-set variant: avx512, avx2 or generic (default: the
+      best this CPU runs; a variant the CPU lacks is never used). For tests and comparisons.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import numpy as np
 
 TARGET_NAME = "srigl_condensed_matmul"
 MAX_THREADS_ENV = "SRIGL_JAX_CONDENSED_MAX_THREADS"
+ISA_ENV = "SRIGL_JAX_CONDENSED_ISA"
+ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 _LIB_STEM = "_condensed_kernel"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -54,8 +56,9 @@ def _load() -> dict[str, object]:
             jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(lib.SriglCondensedMatmul), platform="cpu")
             lib.SriglCondensedIsa.restype = ctypes.c_char_p
             isa = lib.SriglCondensedIsa().decode()
+            level = int(lib.SriglCondensedIsaLevel())
             _smoke_test()
-            _state.update(ok=True, reason="", isa=isa, path=str(path), lib=lib)
+            _state.update(ok=True, reason="", isa=isa, isa_level=level, path=str(path), lib=lib)
         except Exception as err:  # stale build, FFI ABI mismatch with this jaxlib, wrong answer: use XLA
             _state.update(ok=False, reason=f"kernel at {path} unusable: {type(err).__name__}: {err}")
         return _state
@@ -108,6 +111,14 @@ def kernel_isa() -> str | None:
     return str(state["isa"]) if state["ok"] else None
 
 
+def kernel_isas() -> list[str]:
+    """Every instruction-set variant this CPU can run, best last (empty if the kernel is unavailable)."""
+    state = _load()
+    if not state["ok"]:
+        return []
+    return [name for name, level in ISA_LEVELS.items() if level <= int(state["isa_level"])]
+
+
 def unsupported_reason(x, values, indices) -> str:
     """'' if the kernel handles these operands, else why not (dtypes it does not implement)."""
     if not available():
@@ -126,11 +137,21 @@ def supports(x, values, indices) -> bool:
 
 
 def _max_threads() -> int:
-    raw = os.environ.get(MAX_THREADS_ENV, "1")
+    raw = os.environ.get(MAX_THREADS_ENV, "0")
     try:
         return max(int(raw), 0)
     except ValueError as err:
         raise ValueError(f"{MAX_THREADS_ENV} must be an integer, got {raw!r}") from err
+
+
+def _isa_level() -> int:
+    """The ISA cap from SRIGL_JAX_CONDENSED_ISA (-1: the best the CPU runs)."""
+    raw = os.environ.get(ISA_ENV, "").strip().lower()
+    if raw in ("", "auto"):
+        return -1
+    if raw not in ISA_LEVELS:
+        raise ValueError(f"{ISA_ENV} must be one of {sorted(ISA_LEVELS)} or 'auto', got {raw!r}")
+    return ISA_LEVELS[raw]
 
 
 def _ffi_call(x, values, indices, bias, active, out_features: int):
@@ -138,11 +159,12 @@ def _ffi_call(x, values, indices, bias, active, out_features: int):
         TARGET_NAME,
         jax.ShapeDtypeStruct((x.shape[0], out_features), jnp.float32),
         # The kernel writes the output transposed (its inner loops run along the batch); XLA transposes it back.
-        output_layouts=(1, 0),
+        # For one sample both layouts are the same bytes: asking for the default one saves XLA's copy.
+        output_layouts=None if x.shape[0] == 1 else (1, 0),
         vmap_method="sequential",
     )
     return call(x, values, indices, bias.astype(jnp.float32), active.astype(jnp.int32),
-                max_threads=np.int64(_max_threads()))
+                max_threads=np.int64(_max_threads()), isa=np.int64(_isa_level()))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))

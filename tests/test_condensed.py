@@ -76,18 +76,33 @@ def test_condensed_linear_equals_masked_dense(backend, n_in, n_out, k_frac, abla
     np.testing.assert_allclose(np.asarray(y), masked_dense(x, kernel, mask, bias), rtol=RTOL, atol=ATOL * k)
 
 
-@pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
-def test_ffi_matches_xla_on_every_batch_panel():
+# Every instruction-set variant of the kernel this CPU runs (AVX-512 machines test all three).
+ISAS = _ffi_kernels.kernel_isas() or [pytest.param("none", marks=pytest.mark.skip(reason="C++ kernel unavailable"))]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("index_dtype", [jnp.int16, jnp.int32])
+def test_ffi_matches_xla_on_every_batch_panel(monkeypatch, isa, index_dtype):
+    monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)  # read when the function is traced
     rng = np.random.default_rng(0)
-    kernel, mask, bias = random_constant_fan_in(rng, 200, 37, 19, 0.3)
+    # 1100 inputs: three packing tasks, 1100 = 68 x 16 + 12 (scalar transpose remainder); k = 45: the vector
+    # gather loops and their tails
+    kernel, mask, bias = random_constant_fan_in(rng, 1100, 37, 45, 0.3)
     layer = condense_kernel(kernel, mask, bias)
+    layer = layer.replace(indices=layer.indices.astype(index_dtype))
     # 1: gathers only; 13 = 8 + 4 + 1; 127 = 64 + 32 + 16 + 8 + 4 + 3 gathered; 200 = 3 x 64 + 8
     for batch in (1, 13, 127, 200):
-        x = rng.standard_normal((batch, 200)).astype(np.float32)
-        y_ffi = condensed_linear(x, layer, backend="ffi")
+        x = rng.standard_normal((batch, 1100)).astype(np.float32)
+        y_ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))(x, layer)
         y_xla = condensed_linear(x, layer, backend="xla")
-        np.testing.assert_allclose(np.asarray(y_ffi), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(y_ffi), np.asarray(y_xla), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(np.asarray(y_ffi), masked_dense(x, kernel, mask, bias), rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_isa_name_is_an_error(monkeypatch):
+    monkeypatch.setenv(_ffi_kernels.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="SRIGL_JAX_CONDENSED_ISA"):
+        _ffi_kernels._isa_level()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,20 +147,22 @@ def test_wrong_input_width_is_an_error():
         condensed_linear(jnp.ones((1, 5)), layer)
 
 
-@pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
-def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes():
-    layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))
-    bad = layer.replace(indices=layer.indices.at[1, 2].set(4))  # == in_features: out of range
-    with pytest.raises(Exception, match="outside"):
-        jax.block_until_ready(condensed_linear(jnp.ones((3, 4)), bad, backend="ffi"))
-    negative = layer.replace(indices=layer.indices.at[0, 0].set(-1))
-    with pytest.raises(Exception, match="outside"):
-        jax.block_until_ready(condensed_linear(jnp.ones((70, 4)), negative, backend="ffi"))
-    half = jnp.ones((1, 4), jnp.bfloat16)
+@pytest.mark.parametrize("isa", ISAS)
+def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, isa):
+    monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)
+    # k = 40: a bad index in the vector gather loop (position 1) and in the tails (position 37)
+    layer = condense_kernel(np.ones((40, 2), np.float32), np.ones((40, 2), bool))
+    for row, col, value in [(1, 1, 40), (0, 37, 40), (0, 1, -1), (1, 37, -3)]:  # 40 == in_features
+        bad = layer.replace(indices=layer.indices.at[row, col].set(value))
+        for batch in (1, 3, 70):  # gathers; gathers; a 64-wide panel + 4-wide panel + 2 gathered columns
+            with pytest.raises(Exception, match="outside"):
+                jax.block_until_ready(jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))(
+                    jnp.ones((batch, 40)), bad))
+    half = jnp.ones((1, 40), jnp.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         condensed_linear(half, layer, backend="ffi")
     # "auto" falls back to XLA for what the kernel does not implement, with the right answer
-    np.testing.assert_allclose(np.asarray(condensed_linear(half, layer), np.float32), [[4.0, 4.0]])
+    np.testing.assert_allclose(np.asarray(condensed_linear(half, layer), np.float32), [[40.0, 40.0]])
 
 
 def test_kernel_loads_when_first_used_inside_jit():
@@ -163,6 +180,17 @@ def test_kernel_loads_when_first_used_inside_jit():
     assert proc.stdout.split()[0] == str(built and _ffi_kernels.available()), proc.stdout
 
 
+def test_gpu_lowering_uses_the_xla_path():
+    """Lowered for CUDA (no GPU needed to lower), the jit-ed op contains no CPU FFI call; for CPU it does."""
+    layer = condense_kernel(np.ones((8, 4), np.float32), np.ones((8, 4), bool))
+    fn = jax.jit(lambda x, layer: condensed_linear(x, layer))
+    traced = fn.trace(jnp.ones((2, 8)), layer)
+    cuda_text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert _ffi_kernels.TARGET_NAME not in cuda_text and "gather" in cuda_text
+    cpu_text = traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert (_ffi_kernels.TARGET_NAME in cpu_text) == _ffi_kernels.available()
+
+
 def test_force_xla_env(monkeypatch):
     layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))
     x = jnp.ones((1, 4))
@@ -175,9 +203,10 @@ def test_force_xla_env(monkeypatch):
 @pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
 def test_ffi_is_thread_safe_and_threaded_results_match(monkeypatch):
     rng = np.random.default_rng(3)
-    kernel, mask, bias = random_constant_fan_in(rng, 512, 256, 51, 0.2)
+    # 1030 inputs: packing is split into three tasks that the threads share
+    kernel, mask, bias = random_constant_fan_in(rng, 1030, 256, 103, 0.2)
     layer = condense_kernel(kernel, mask, bias)
-    xs = [rng.standard_normal((b, 512)).astype(np.float32) for b in (1, 9, 64, 130)]
+    xs = [rng.standard_normal((b, 1030)).astype(np.float32) for b in (1, 9, 64, 130)]
     monkeypatch.setenv(_ffi_kernels.MAX_THREADS_ENV, "0")  # all pool threads (read at trace time)
     fn = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
     expected = [np.asarray(condensed_linear(x, layer, backend="xla")) for x in xs]

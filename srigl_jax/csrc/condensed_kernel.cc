@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -30,7 +31,9 @@ namespace generic {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2")
 namespace avx2 {
+#define SRIGL_ISA_AVX2 1
 #include "condensed_kernel_impl.inc"
+#undef SRIGL_ISA_AVX2
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -45,7 +48,7 @@ namespace avx512 {
 
 using BlockFn = bool (*)(bool, const float*, const float*, int64_t, int64_t, int64_t, const float*, const void*,
                          int64_t, const int32_t*, const float*, float*, int64_t, int64_t);
-using PackFn = void (*)(const float*, int64_t, int64_t, float*);
+using PackFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
 
 struct Isa {
   BlockFn fn;
@@ -53,28 +56,46 @@ struct Isa {
   const char* name;
 };
 
-static Isa SelectIsa() {
+// Variants by level: 0 generic, 1 AVX2+FMA, 2 AVX-512 (F/VL/BW/DQ).
+static const Isa kIsas[] = {
+    {&generic::BlockAnyIndex, &generic::PackRange, "generic"},
+#ifdef SRIGL_HAVE_ISA_VARIANTS
+    {&avx2::BlockAnyIndex, &avx2::PackRange, "avx2"},
+    {&avx512::BlockAnyIndex, &avx512::PackRange, "avx512"},
+#endif
+};
+
+static int DetectIsaLevel() {
 #ifdef SRIGL_HAVE_ISA_VARIANTS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    return {&avx512::BlockAnyIndex, &avx512::PackPanels, "avx512"};
+    return 2;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {&avx2::BlockAnyIndex, &avx2::PackPanels, "avx2"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
-  return {&generic::BlockAnyIndex, &generic::PackPanels, "generic"};
+  return 0;
 }
 
-static const Isa& GetIsa() {
-  static const Isa isa = SelectIsa();  // thread-safe static init
-  return isa;
+static int BestIsaLevel() {
+  static const int level = DetectIsaLevel();  // thread-safe static init
+  return level;
 }
+
+// The variant for a requested level (< 0: the best); never one the CPU cannot run.
+static const Isa& GetIsa(int64_t requested) {
+  const int best = BestIsaLevel();
+  return kIsas[requested < 0 || requested > best ? best : requested];
+}
+
+// Inputs per packing task (a multiple of the 16-wide transpose blocks).
+constexpr int64_t kPackRows = 512;
 
 struct Work {
-  BlockFn fn;
+  const Isa* isa;
   bool int16_indices;
   const float* x;
-  const float* packed;
+  float* packed;
   int64_t n_in, batch;
   const float* values;
   const void* indices;
@@ -82,20 +103,32 @@ struct Work {
   std::vector<int32_t> row_of;
   const float* bias;
   float* outT;
-  int64_t n_out, rows_per_chunk, n_row_chunks, n_chunks;
+  int64_t n_out, rows_per_chunk, n_row_chunks, n_chunks, pack_per_panel, n_pack;
   std::vector<int64_t> block_starts;  // first batch column of each panel (and of the gathered remainder)
+  int64_t n_panels = 0;               // block_starts entries that are packed panels
+  std::atomic<int64_t> next_pack{0};
+  std::atomic<int64_t> done_pack{0};
   std::atomic<int64_t> next_chunk{0};
   std::atomic<int64_t> done_chunks{0};
   std::atomic<bool> bad_index{false};
 
-  // Claim and run chunks until none is left. Chunks are panel-major, so the threads share one batch panel
-  // (hot in cache) at a time while splitting its output rows.
+  // Two phases, both split into tasks claimed from atomic counters by every participating thread: pack the
+  // batch panels, wait until all are packed, then compute output chunks. Chunks are panel-major, so the
+  // threads share one batch panel (hot in cache) at a time while splitting its output rows. The calling
+  // thread always drains, so the call completes even if no pool thread ever starts.
   void Drain() {
+    for (int64_t c = next_pack.fetch_add(1); c < n_pack; c = next_pack.fetch_add(1)) {
+      const int64_t i0 = (c % pack_per_panel) * kPackRows;
+      isa->pack(x, n_in, batch, block_starts[c / pack_per_panel], i0, std::min(n_in, i0 + kPackRows), packed);
+      done_pack.fetch_add(1, std::memory_order_acq_rel);
+    }
+    while (done_pack.load(std::memory_order_acquire) < n_pack) std::this_thread::yield();
     for (int64_t c = next_chunk.fetch_add(1); c < n_chunks; c = next_chunk.fetch_add(1)) {
       const int64_t b0 = block_starts[c / n_row_chunks];
       const int64_t o0 = (c % n_row_chunks) * rows_per_chunk;
       const int64_t o1 = std::min(n_out, o0 + rows_per_chunk);
-      if (fn(int16_indices, x, packed, n_in, batch, b0, values, indices, k, row_of.data(), bias, outT, o0, o1)) {
+      if (isa->fn(int16_indices, x, packed, n_in, batch, b0, values, indices, k, row_of.data(), bias, outT, o0,
+                  o1)) {
         bad_index.store(true, std::memory_order_relaxed);
       }
       done_chunks.fetch_add(1, std::memory_order_acq_rel);
@@ -103,14 +136,15 @@ struct Work {
   }
 };
 
-// Below this many multiply-adds a call runs on the calling thread: waking pool threads costs tens of
-// microseconds, more than it saves on small work (e.g. one 3072 -> 768 row at 90% sparsity, ~55 us).
-constexpr int64_t kMinWorkForThreads = 1 << 18;
+// Below this many multiply-adds a call runs on the calling thread: waking pool threads and sharing the work
+// cost more than they save (measured on the 3072 -> 768 benchmark: threads won from ~2M multiply-adds, e.g.
+// 90% sparse at batch >= 64, and lost at 99% sparse, batch 8).
+constexpr int64_t kMinWorkForThreads = 1 << 21;
 
 static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
                                       ffi::AnyBuffer indices, ffi::Buffer<ffi::F32> bias,
                                       ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::F32> out,
-                                      int64_t max_threads) {
+                                      int64_t max_threads, int64_t isa_level) {
   const auto xd = x.dimensions();
   const auto vd = values.dimensions();
   const auto id = indices.dimensions();
@@ -132,7 +166,7 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (n_in > INT32_MAX) return ffi::Error::InvalidArgument("condensed_matmul: more than 2^31 inputs");
 
   auto work = std::make_shared<Work>();
-  work->fn = GetIsa().fn;
+  work->isa = &GetIsa(isa_level);
   work->int16_indices = idx_type == ffi::DataType::S16;
   work->x = x.typed_data();
   work->n_in = n_in;
@@ -154,14 +188,19 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   }
   if (batch == 0 || n_out == 0) return ffi::Error::Success();
 
-  // Batch panels (see PackPanels); reused across calls of this thread: a call finishes all its chunks
-  // before it returns, so no other thread reads this buffer afterwards.
-  thread_local std::vector<float> packed;
-  if (batch >= 4) {
-    packed.resize(static_cast<size_t>(batch * n_in));
-    GetIsa().pack(work->x, n_in, batch, packed.data());
+  for (int64_t b0 = 0; b0 < batch;) {
+    work->block_starts.push_back(b0);
+    const int64_t w = generic::PanelWidth(b0, batch);
+    if (w > 0) ++work->n_panels;
+    b0 = w > 0 ? b0 + w : batch;
   }
+  // Batch panels (see PackRange); reused across calls of this thread: a call finishes all its tasks before
+  // it returns, so no other thread touches this buffer afterwards.
+  thread_local std::vector<float> packed;
+  if (work->n_panels > 0) packed.resize(static_cast<size_t>(batch * n_in));
   work->packed = packed.data();
+  work->pack_per_panel = std::max<int64_t>(1, (n_in + kPackRows - 1) / kPackRows);
+  work->n_pack = work->n_panels * work->pack_per_panel;
 
   const int64_t pool_threads = pool.num_threads();
   int64_t workers = 1 + std::max<int64_t>(pool_threads, 0);
@@ -170,11 +209,6 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const int64_t chunks_wanted = workers == 1 ? 1 : workers * 4;
   work->rows_per_chunk = std::max<int64_t>(1, (n_out + chunks_wanted - 1) / chunks_wanted);
   work->n_row_chunks = (n_out + work->rows_per_chunk - 1) / work->rows_per_chunk;
-  for (int64_t b0 = 0; b0 < batch;) {
-    work->block_starts.push_back(b0);
-    const int64_t w = generic::PanelWidth(b0, batch);
-    b0 = w > 0 ? b0 + w : batch;
-  }
   work->n_chunks = work->n_row_chunks * static_cast<int64_t>(work->block_starts.size());
 
   for (int64_t t = 1; t < workers; ++t) {
@@ -200,7 +234,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMa
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias (out,)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // active (n_active,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out, physically (out, B)
-                                  .Attr<int64_t>("max_threads"));
+                                  .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("isa"));
 
-// Which instruction-set variant the kernel runs (for benchmark reports).
-extern "C" const char* SriglCondensedIsa() { return srigl_condensed::GetIsa().name; }
+// The best instruction-set variant this CPU runs (for reports and tests): its name and level (0, 1, 2).
+extern "C" const char* SriglCondensedIsa() { return srigl_condensed::GetIsa(-1).name; }
+extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel(); }
