@@ -15,6 +15,7 @@ Exports are built outside ``jit`` (their shapes depend on the mask values); the 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -188,7 +189,7 @@ def condensed_linear(x: Array, layer: CondensedLinear, *, backend: str = "auto")
     if backend not in ("auto", "xla", "ffi"):
         raise ValueError(f"backend must be 'auto', 'xla' or 'ffi', got {backend!r}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, layer.in_features)
+    x2 = x.reshape(math.prod(lead), layer.in_features)  # not -1: in_features may be 0
     if backend == "ffi" or (backend == "auto" and use_ffi_kernel(x2, layer)):
         from srigl_jax import _ffi_kernels
 

@@ -24,6 +24,7 @@ from srigl_jax.condensed import (
     FORCE_XLA_ENV,
     CondensedConv,
     CondensedDense,
+    CondensedLinear,
     condense_kernel,
     condensed_conv,
     condensed_linear,
@@ -158,6 +159,11 @@ def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, is
             with pytest.raises(Exception, match="outside"):
                 jax.block_until_ready(jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))(
                     jnp.ones((batch, 40)), bad))
+    # no inputs at all but k > 0: every index is out of range (and there is no x[0] to clamp to)
+    empty = CondensedLinear(jnp.ones((2, 1)), jnp.zeros((2, 1), jnp.int16), jnp.zeros(2), jnp.arange(2, dtype=jnp.int32),
+                            in_features=0, out_features=2)
+    with pytest.raises(Exception, match="outside"):
+        jax.block_until_ready(condensed_linear(jnp.ones((3, 0)), empty, backend="ffi"))
     half = jnp.ones((1, 40), jnp.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         condensed_linear(half, layer, backend="ffi")

@@ -4,6 +4,7 @@
 // the output is produced transposed (XLA honours the column-major output layout the Python side requests).
 // Thread safety: no mutable global state; each call owns its work state (shared with pool tasks by
 // shared_ptr so late-starting tasks never touch freed memory).
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -68,6 +69,8 @@ static const Isa kIsas[] = {
 static int DetectIsaLevel() {
 #ifdef SRIGL_HAVE_ISA_VARIANTS
   __builtin_cpu_init();
+  // Both variants are compiled with BMI/BMI2 as well (see the target pragmas above).
+  if (!__builtin_cpu_supports("bmi") || !__builtin_cpu_supports("bmi2")) return 0;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
     return 2;
@@ -90,6 +93,8 @@ static const Isa& GetIsa(int64_t requested) {
 
 // Inputs per packing task (a multiple of the 16-wide transpose blocks).
 constexpr int64_t kPackRows = 512;
+// A thread keeps its packing buffer between calls up to this size (64 MB); larger ones are freed after use.
+constexpr size_t kMaxKeptPackedFloats = size_t{1} << 24;
 
 struct Work {
   const Isa* isa;
@@ -164,6 +169,9 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
     return ffi::Error::InvalidArgument("condensed_matmul: indices must be int16 or int32");
   }
   if (n_in > INT32_MAX) return ffi::Error::InvalidArgument("condensed_matmul: more than 2^31 inputs");
+  if (n_in == 0 && k > 0 && n_active > 0) {  // every index is out of range, and there is no x[0] to clamp to
+    return ffi::Error::InvalidArgument("condensed_matmul: an index is outside [0, in_features) (no inputs)");
+  }
 
   auto work = std::make_shared<Work>();
   work->isa = &GetIsa(isa_level);
@@ -207,7 +215,11 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (max_threads > 0) workers = std::min(workers, max_threads);
   if (n_active * k * batch < kMinWorkForThreads) workers = 1;
   const int64_t chunks_wanted = workers == 1 ? 1 : workers * 4;
-  work->rows_per_chunk = std::max<int64_t>(1, (n_out + chunks_wanted - 1) / chunks_wanted);
+  // Chunks of whole register tiles: a multiple of 24 rows is a multiple of every R in use (1 to 12), so
+  // only a chunk's last tile can be short (a short tile still computes R rows).
+  constexpr int64_t kRowQuantum = 24;
+  const int64_t rows = (n_out + chunks_wanted - 1) / chunks_wanted;
+  work->rows_per_chunk = std::max<int64_t>(kRowQuantum, (rows + kRowQuantum - 1) / kRowQuantum * kRowQuantum);
   work->n_row_chunks = (n_out + work->rows_per_chunk - 1) / work->rows_per_chunk;
   work->n_chunks = work->n_row_chunks * static_cast<int64_t>(work->block_starts.size());
 
@@ -217,6 +229,7 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   work->Drain();
   while (work->done_chunks.load(std::memory_order_acquire) < work->n_chunks) std::this_thread::yield();
 
+  if (packed.size() > kMaxKeptPackedFloats) std::vector<float>().swap(packed);  // don't keep huge buffers
   if (work->bad_index.load()) {
     return ffi::Error::InvalidArgument("condensed_matmul: an index is outside [0, in_features)");
   }
