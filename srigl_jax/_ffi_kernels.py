@@ -54,11 +54,9 @@ def _load() -> dict[str, object]:
         try:
             lib = ctypes.CDLL(str(path))
             jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(lib.SriglCondensedMatmul), platform="cpu")
-            lib.SriglCondensedIsa.restype = ctypes.c_char_p
-            isa = lib.SriglCondensedIsa().decode()
             level = int(lib.SriglCondensedIsaLevel())
             _smoke_test()
-            _state.update(ok=True, reason="", isa=isa, isa_level=level, path=str(path), lib=lib)
+            _state.update(ok=True, reason="", isa_level=level, path=str(path), lib=lib)
         except Exception as err:  # stale build, FFI ABI mismatch with this jaxlib, wrong answer: use XLA
             _state.update(ok=False, reason=f"kernel at {path} unusable: {type(err).__name__}: {err}")
         return _state
@@ -106,9 +104,10 @@ def unavailable_reason() -> str:
 
 
 def kernel_isa() -> str | None:
-    """The instruction-set variant the kernel runs ('avx512', 'avx2', 'generic'), None if unavailable."""
-    state = _load()
-    return str(state["isa"]) if state["ok"] else None
+    """The best instruction-set variant this CPU runs ('avx512', 'avx2', 'generic'; the kernel's default unless
+    SRIGL_JAX_CONDENSED_ISA caps it), None if the kernel is unavailable."""
+    isas = kernel_isas()
+    return isas[-1] if isas else None
 
 
 def kernel_isas() -> list[str]:

@@ -91,10 +91,11 @@ def test_ffi_matches_xla_on_every_batch_panel(monkeypatch, isa, index_dtype):
     kernel, mask, bias = random_constant_fan_in(rng, 1100, 37, 45, 0.3)
     layer = condense_kernel(kernel, mask, bias)
     layer = layer.replace(indices=layer.indices.astype(index_dtype))
+    ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
     # 1: gathers only; 13 = 8 + 4 + 1; 127 = 64 + 32 + 16 + 8 + 4 + 3 gathered; 200 = 3 x 64 + 8
     for batch in (1, 13, 127, 200):
         x = rng.standard_normal((batch, 1100)).astype(np.float32)
-        y_ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))(x, layer)
+        y_ffi = ffi(x, layer)
         y_xla = condensed_linear(x, layer, backend="xla")
         np.testing.assert_allclose(np.asarray(y_ffi), np.asarray(y_xla), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(np.asarray(y_ffi), masked_dense(x, kernel, mask, bias), rtol=1e-5, atol=1e-4)
@@ -153,12 +154,12 @@ def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, is
     monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)
     # k = 40: a bad index in the vector gather loop (position 1) and in the tails (position 37)
     layer = condense_kernel(np.ones((40, 2), np.float32), np.ones((40, 2), bool))
+    ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
     for row, col, value in [(1, 1, 40), (0, 37, 40), (0, 1, -1), (1, 37, -3)]:  # 40 == in_features
         bad = layer.replace(indices=layer.indices.at[row, col].set(value))
         for batch in (1, 3, 70):  # gathers; gathers; a 64-wide panel + 4-wide panel + 2 gathered columns
             with pytest.raises(Exception, match="outside"):
-                jax.block_until_ready(jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))(
-                    jnp.ones((batch, 40)), bad))
+                jax.block_until_ready(ffi(jnp.ones((batch, 40)), bad))
     # no inputs at all but k > 0: every index is out of range (and there is no x[0] to clamp to)
     empty = CondensedLinear(jnp.ones((2, 1)), jnp.zeros((2, 1), jnp.int16), jnp.zeros(2), jnp.arange(2, dtype=jnp.int32),
                             in_features=0, out_features=2)

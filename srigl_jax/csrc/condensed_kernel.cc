@@ -54,15 +54,14 @@ using PackFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_
 struct Isa {
   BlockFn fn;
   PackFn pack;
-  const char* name;
 };
 
 // Variants by level: 0 generic, 1 AVX2+FMA, 2 AVX-512 (F/VL/BW/DQ).
 static const Isa kIsas[] = {
-    {&generic::BlockAnyIndex, &generic::PackRange, "generic"},
+    {&generic::BlockAnyIndex, &generic::PackRange},
 #ifdef SRIGL_HAVE_ISA_VARIANTS
-    {&avx2::BlockAnyIndex, &avx2::PackRange, "avx2"},
-    {&avx512::BlockAnyIndex, &avx512::PackRange, "avx512"},
+    {&avx2::BlockAnyIndex, &avx2::PackRange},
+    {&avx512::BlockAnyIndex, &avx512::PackRange},
 #endif
 };
 
@@ -250,6 +249,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMa
                                   .Attr<int64_t>("max_threads")
                                   .Attr<int64_t>("isa"));
 
-// The best instruction-set variant this CPU runs (for reports and tests): its name and level (0, 1, 2).
-extern "C" const char* SriglCondensedIsa() { return srigl_condensed::GetIsa(-1).name; }
+// The level of the best instruction-set variant this CPU runs (0, 1, 2; names in srigl_jax/_ffi_kernels.py).
 extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel(); }
