@@ -13,7 +13,7 @@ log-scale PNG into bench/results/.
     python bench/condensed_linear.py            # full run (a few minutes)
     python bench/condensed_linear.py --quick    # smoke run (seconds)
 
-The script re-executes itself once with OpenBLAS settings fixed (see _BLAS_ENV_* below); the BLAS in use is
+The script re-executes itself once with OpenBLAS settings fixed (see bench/_blas_env.py); the BLAS in use is
 reported (threadpoolctl).
 """
 
@@ -28,21 +28,9 @@ import platform
 import sys
 import time
 
-# OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (set on some machines) can slow numpy's BLAS: removed. OpenBLAS threads
-# spin for up to 2^28 cycles (~0.1 s) after each call by default, taking a core from whatever variant runs
-# next in the interleaved timing; OPENBLAS_THREAD_TIMEOUT=4 (the minimum) makes them sleep promptly. Both are
-# read when OpenBLAS loads, so the script re-executes itself with the adjusted environment.
-_BLAS_ENV_REMOVED = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-_BLAS_ENV_SET = {"OPENBLAS_THREAD_TIMEOUT": "4"}
-if os.environ.get("SRIGL_BENCH_REEXEC") != "1" and (
-        any(v in os.environ for v in _BLAS_ENV_REMOVED)
-        or any(os.environ.get(k) != v for k, v in _BLAS_ENV_SET.items())):
-    removed = {v: os.environ[v] for v in _BLAS_ENV_REMOVED if v in os.environ}
-    env = {k: v for k, v in os.environ.items() if k not in _BLAS_ENV_REMOVED}  # noqa: SIM118
-    env.update(_BLAS_ENV_SET)
-    env["SRIGL_BENCH_REEXEC"] = "1"
-    env["SRIGL_BENCH_REMOVED_BLAS_ENV"] = json.dumps(removed)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+from _blas_env import blas_env_report, reexec_with_blas_env  # bench/ is sys.path[0]
+
+reexec_with_blas_env()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -76,8 +64,7 @@ def machine_info() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "jax": jax.__version__, "numpy": np.__version__, "jax_backend": jax.default_backend(),
-        "blas": blas, "removed_blas_env": json.loads(os.environ.get("SRIGL_BENCH_REMOVED_BLAS_ENV", "{}")),
-        "blas_env_set": {k: os.environ.get(k) for k in _BLAS_ENV_SET},
+        "blas": blas, **blas_env_report(),
         "ffi_kernel": _ffi_kernels.kernel_isa() or f"unavailable: {_ffi_kernels.unavailable_reason()}",
         "load_avg_start": os.getloadavg(),
     }

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -461,10 +463,28 @@ def test_mnist_mlp_and_cnn_end_to_end_full():
 
 
 # ---------------------------------------------------------------------------------------------- benchmark smoke
-def test_benchmark_quick_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "condensed_linear.py"), "--quick",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def run_bench_quick(script: str, out_dir: pathlib.Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", "--out-dir", str(out_dir)],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    proc = run_bench_quick("condensed_linear.py", tmp_path)
     assert (tmp_path / "condensed_linear_quick.csv").exists()
     assert "condensed" in proc.stdout
+
+
+def test_batch1_bound_records_the_floor_or_why_not(tmp_path):
+    run_bench_quick("batch1_bound.py", tmp_path)
+    (row,) = json.loads((tmp_path / "batch1_bound_quick.json").read_text())["rows"]
+    assert set(row["per_layer_median_us"]) >= {"dense_jnp", "dense_numpy", "condensed_xla"}
+    assert all(us > 0 for us in row["per_layer_median_us"].values())
+    can_measure = _ffi_kernels.kernel_isa() == "avx512" and any(
+        shutil.which(c) for c in ("g++", "c++", "clang++"))
+    if can_measure:  # the compiled package kernel implies a compiler; its ISA says AVX-512
+        assert row["gather_floor_us"] > 0
+        assert row["bound_vs_best_dense"] == pytest.approx(row["best_dense_us"] / row["gather_floor_us"])
+    else:
+        assert row["gather_floor_unavailable"]

@@ -1,0 +1,184 @@
+"""How close the batch-1 condensed kernel is to this CPU's limit, and what that limit allows against dense.
+
+At batch 1 every nonzero weight needs one gathered input, so a pass of 16-lane gathers over the layer's own
+index stream (bench/gather_floor.cc, compiled here with -O3 -march=native; AVX-512 and a C++ compiler
+needed) bounds the kernel from below. The layer is run L times inside one jit-compiled loop, so the per-call
+dispatch (~10 us) is paid once per L layers, as in a compiled model; dense jnp runs in the same kind of loop,
+numpy/BLAS (2 threads and 1) as L calls. Variants are interleaved in a fresh random order each repetition;
+medians per layer application. Prints the floor, each variant's time per layer, and
+"bound" = best dense / floor: the largest speed-up any batch-1 gather kernel can show on this machine.
+
+    python bench/batch1_bound.py            # 3072 -> 768, 90% and 99% (about a minute)
+    python bench/batch1_bound.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from _blas_env import reexec_with_blas_env  # bench/ is sys.path[0]
+
+reexec_with_blas_env()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from condensed_linear import N_IN, RESULTS, machine_info, make_layer, with_env  # noqa: E402
+
+from srigl_jax import _ffi_kernels  # noqa: E402
+from srigl_jax.condensed import condense_kernel, condensed_linear  # noqa: E402
+
+FLOOR_SOURCE = pathlib.Path(__file__).resolve().parent / "gather_floor.cc"
+FLOOR = "gather_floor"
+
+
+def gather_floor(indices: np.ndarray, n_in: int, passes: int, workdir: pathlib.Path):
+    """A callable timing the gather-only pass over ``indices`` (int16): it returns the median seconds of
+    ``passes`` passes (timed inside the C++ program), or a string saying why the floor is unavailable."""
+    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        return "no C++ compiler found"
+    exe = workdir / "gather_floor"
+    build = subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", str(FLOOR_SOURCE), "-o", str(exe)],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        return f"compile failed: {build.stderr.strip()[-500:]}"
+    index_file = workdir / "indices.bin"
+    np.ascontiguousarray(indices, dtype=np.int16).tofile(index_file)
+    command = [str(exe), str(index_file), str(indices.shape[0]), str(indices.shape[1]), str(n_in), str(passes)]
+
+    def run() -> float:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip() or f"gather_floor exited with {done.returncode}")
+        return float(done.stdout.split()[1]) * 1e-6
+
+    try:
+        run()
+    except RuntimeError as err:  # e.g. no AVX-512 on this CPU
+        return str(err)
+    return run
+
+
+def in_jit_loop(layer_fn, applications: int):
+    """jit of ``applications`` chained calls of ``layer_fn(x, *params)`` (each input depends on the last output,
+    by an fp32-invisible 1e-30 nudge, so XLA can neither hoist nor merge them); returns the final x."""
+    def run(x, *params):
+        def body(_, x):
+            y = layer_fn(x, *params)
+            return x.at[0, 0].add(1e-30 * y[0, 0])
+        return jax.lax.fori_loop(0, applications, body, x)
+    return jax.jit(run)
+
+
+def build_variants(kernel, mask, bias, x_np, applications: int) -> dict:
+    """name -> zero-arg callable running ``applications`` layer applications."""
+    x, w, b = jnp.asarray(x_np), jnp.asarray(kernel), jnp.asarray(bias)
+    layer = condense_kernel(kernel, mask, bias)
+    dense = in_jit_loop(lambda x, w, b: x @ w + b, applications)
+    variants = {"dense_jnp": lambda: dense(x, w, b).block_until_ready()}
+
+    def numpy_dense():
+        for _ in range(applications):
+            x_np @ kernel + bias
+
+    variants["dense_numpy"] = numpy_dense
+    try:
+        from threadpoolctl import threadpool_limits
+
+        def numpy_dense_1t():
+            with threadpool_limits(1, user_api="blas"):
+                numpy_dense()
+
+        variants["dense_numpy_1t"] = numpy_dense_1t
+    except ImportError:
+        pass
+    if _ffi_kernels.available():
+        ffi_1t = in_jit_loop(with_env(_ffi_kernels.MAX_THREADS_ENV, "1",
+                                      lambda x, layer: condensed_linear(x, layer, backend="ffi")), applications)
+        variants["condensed_ffi_1t"] = lambda: ffi_1t(x, layer).block_until_ready()
+    xla = in_jit_loop(lambda x, layer: condensed_linear(x, layer, backend="xla"), applications)
+    variants["condensed_xla"] = lambda: xla(x, layer).block_until_ready()
+    return variants, layer
+
+
+def time_interleaved(variants: dict, reps: int, seed: int) -> dict[str, np.ndarray]:
+    """Seconds per call of each variant, all interleaved in a fresh random order per repetition; a variant
+    that returns a number (the gather floor, timed in its own process) reports its own time."""
+    names = list(variants)
+    times = {n: [] for n in names}
+    order = np.random.default_rng(seed)
+    for _ in range(reps):
+        for name in order.permutation(names):
+            t0 = time.perf_counter()
+            own = variants[name]()
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
+    return {n: np.asarray(t) for n, t in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99])
+    parser.add_argument("--applications", type=int, default=32, help="layer applications per timed call")
+    parser.add_argument("--reps", type=int, default=200, help="interleaved repetitions")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 90%%, few repetitions")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sparsities, args.applications, args.reps = [0.9], 4, 3
+    stem = "batch1_bound_quick" if args.quick else "batch1_bound"
+    info = machine_info()
+    print(f"machine: {info['cpu']} x{info['cores']} | jax {info['jax']} | ffi kernel: {info['ffi_kernel']}")
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sparsity in args.sparsities:
+            kernel, mask, bias, _, k = make_layer(rng, sparsity, 0.0)
+            x_np = rng.standard_normal((1, N_IN)).astype(np.float32)
+            variants, layer = build_variants(kernel, mask, bias, x_np, args.applications)
+            floor = gather_floor(np.asarray(layer.indices), N_IN, args.applications, pathlib.Path(tmp))
+            for fn in variants.values():
+                fn()  # compile, warm up
+            timed = dict(variants) if isinstance(floor, str) else {**variants, FLOOR: floor}
+            times = time_interleaved(timed, args.reps, args.seed)
+            per_call_us = {n: float(np.median(t)) * 1e6 for n, t in times.items()}
+            floor_us = per_call_us.pop(FLOOR, None)
+            per_layer_us = {n: us / args.applications for n, us in per_call_us.items()}
+            best_dense = min(v for n, v in per_layer_us.items() if n.startswith("dense"))
+            row = {"sparsity": sparsity, "fan_in": k, "applications_per_call": args.applications,
+                   "reps": args.reps, "per_layer_median_us": per_layer_us, "best_dense_us": best_dense}
+            print(f"\n{sparsity:.0%} sparse, fan-in {k}, batch 1, per layer application (median of {args.reps}):")
+            for name, us in per_layer_us.items():
+                print(f"  {name:<17} {us:8.1f} us   best dense / this = {best_dense / us:5.2f}x")
+            if floor_us is None:
+                row["gather_floor_unavailable"] = floor
+                print(f"  gather floor: unavailable ({floor})")
+            else:
+                row["gather_floor_us"] = floor_us
+                row["bound_vs_best_dense"] = best_dense / floor_us
+                row["bound_vs_dense_jnp"] = per_layer_us["dense_jnp"] / floor_us
+                print(f"  gather floor      {floor_us:8.1f} us   (16-lane gathers alone, same index stream)"
+                      f"\n  bound: best dense / floor = {row['bound_vs_best_dense']:.2f}x, "
+                      f"dense jnp / floor = {row['bound_vs_dense_jnp']:.2f}x")
+                if "condensed_ffi_1t" in per_layer_us:
+                    row["ffi_1t_over_floor"] = per_layer_us["condensed_ffi_1t"] / floor_us
+                    print(f"  condensed_ffi_1t takes {row['ffi_1t_over_floor']:.2f}x the floor")
+            rows.append(row)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"{stem}.json"
+    out.write_text(json.dumps({"machine": info, "args": {k: str(v) if isinstance(v, pathlib.Path) else v
+                                                          for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
