@@ -30,6 +30,7 @@ reexec_with_blas_env()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import sparse  # noqa: E402
 from condensed_linear import N_IN, RESULTS, machine_info, make_layer, with_env  # noqa: E402
 
 from srigl_jax import _ffi_kernels  # noqa: E402
@@ -106,16 +107,25 @@ def build_variants(kernel, mask, bias, x_np, applications: int) -> dict:
         variants["condensed_ffi_1t"] = lambda: ffi_1t(x, layer).block_until_ready()
     xla = in_jit_loop(lambda x, layer: condensed_linear(x, layer, backend="xla"), applications)
     variants["condensed_xla"] = lambda: xla(x, layer).block_until_ready()
+    # unstructured baselines, as in condensed_linear.py
+    w_bcoo, w_bcsr = sparse.BCOO.fromdense(w), sparse.BCSR.fromdense(w.T)
+    bcoo = in_jit_loop(lambda x, w_bcoo: x @ w_bcoo + b, applications)
+    bcsr = in_jit_loop(lambda x, w_bcsr: (w_bcsr @ x.T).T + b, applications)
+    variants["bcoo"] = lambda: bcoo(x, w_bcoo).block_until_ready()
+    variants["bcsr"] = lambda: bcsr(x, w_bcsr).block_until_ready()
     return variants, layer
 
 
-def time_interleaved(variants: dict, reps: int, seed: int) -> dict[str, np.ndarray]:
+def time_interleaved(variants: dict, reps: int, budget_s: float, seed: int) -> dict[str, np.ndarray]:
     """Seconds per call of each variant, all interleaved in a fresh random order per repetition; a variant
     that returns a number (the gather floor, timed in its own process) reports its own time."""
     names = list(variants)
     times = {n: [] for n in names}
     order = np.random.default_rng(seed)
-    for _ in range(reps):
+    start = time.perf_counter()
+    for rep in range(reps):
+        if rep >= 10 and time.perf_counter() - start > budget_s:
+            break
         for name in order.permutation(names):
             t0 = time.perf_counter()
             own = variants[name]()
@@ -125,15 +135,17 @@ def time_interleaved(variants: dict, reps: int, seed: int) -> dict[str, np.ndarr
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.99])
-    parser.add_argument("--applications", type=int, default=32, help="layer applications per timed call")
-    parser.add_argument("--reps", type=int, default=200, help="interleaved repetitions")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
+    parser.add_argument("--applications", type=int, default=128,
+                        help="layer applications per timed call (amortises the cold start of each call)")
+    parser.add_argument("--reps", type=int, default=100, help="max interleaved repetitions per sparsity")
+    parser.add_argument("--budget-s", type=float, default=25.0, help="time budget per sparsity (>= 10 reps)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 90%%, few repetitions")
     parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sparsities, args.applications, args.reps = [0.9], 4, 3
+        args.sparsities, args.applications, args.reps, args.budget_s = [0.9], 4, 3, 0.5
     stem = "batch1_bound_quick" if args.quick else "batch1_bound"
     info = machine_info()
     print(f"machine: {info['cpu']} x{info['cores']} | jax {info['jax']} | ffi kernel: {info['ffi_kernel']}")
@@ -148,16 +160,24 @@ def main(argv=None) -> int:
             for fn in variants.values():
                 fn()  # compile, warm up
             timed = dict(variants) if isinstance(floor, str) else {**variants, FLOOR: floor}
-            times = time_interleaved(timed, args.reps, args.seed)
+            times = time_interleaved(timed, args.reps, args.budget_s, args.seed)
             per_call_us = {n: float(np.median(t)) * 1e6 for n, t in times.items()}
             floor_us = per_call_us.pop(FLOOR, None)
             per_layer_us = {n: us / args.applications for n, us in per_call_us.items()}
             best_dense = min(v for n, v in per_layer_us.items() if n.startswith("dense"))
+            reps_done = int(times["dense_jnp"].size)
             row = {"sparsity": sparsity, "fan_in": k, "applications_per_call": args.applications,
-                   "reps": args.reps, "per_layer_median_us": per_layer_us, "best_dense_us": best_dense}
-            print(f"\n{sparsity:.0%} sparse, fan-in {k}, batch 1, per layer application (median of {args.reps}):")
+                   "reps": reps_done, "per_layer_median_us": per_layer_us, "best_dense_us": best_dense,
+                   # speed-up of each variant (time of the reference / time of the variant)
+                   "speedup": {name: {ref: per_layer_us[ref] / us for ref in ("dense_jnp", "bcoo", "bcsr")}
+                               | {"best_dense": best_dense / us} for name, us in per_layer_us.items()}}
+            print(f"\n{sparsity:.0%} sparse, fan-in {k}, batch 1, us per layer application (median of {reps_done}"
+                  f" interleaved calls of {args.applications} applications each); speed-up vs:")
+            print(f"  {'variant':<17} {'us':>8} {'jnp':>7} {'best dense':>10} {'bcoo':>7} {'bcsr':>7}")
             for name, us in per_layer_us.items():
-                print(f"  {name:<17} {us:8.1f} us   best dense / this = {best_dense / us:5.2f}x")
+                up = row["speedup"][name]
+                print(f"  {name:<17} {us:8.1f} {up['dense_jnp']:6.2f}x {up['best_dense']:9.2f}x "
+                      f"{up['bcoo']:6.2f}x {up['bcsr']:6.2f}x")
             if floor_us is None:
                 row["gather_floor_unavailable"] = floor
                 print(f"  gather floor: unavailable ({floor})")

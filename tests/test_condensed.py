@@ -154,10 +154,11 @@ def test_wrong_input_width_is_an_error():
 @pytest.mark.parametrize("isa", ISAS)
 def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, isa):
     monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)
-    # k = 40: a bad index in the vector gather loop (position 1) and in the tails (position 37)
-    layer = condense_kernel(np.ones((40, 2), np.float32), np.ones((40, 2), bool))
+    # k = 40: a bad index in the vector gather loop (position 1) and in the tails (position 37); 18 neurons:
+    # rows 0-15 are one 16-row group of the batch-1 gathers, rows 16-17 the rows after it
+    layer = condense_kernel(np.ones((40, 18), np.float32), np.ones((40, 18), bool))
     ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
-    for row, col, value in [(1, 1, 40), (0, 37, 40), (0, 1, -1), (1, 37, -3)]:  # 40 == in_features
+    for row, col, value in [(1, 1, 40), (17, 37, 40), (0, 1, -1), (16, 37, -3), (9, 39, 1000)]:  # 40 == in_features
         bad = layer.replace(indices=layer.indices.at[row, col].set(value))
         for batch in (1, 3, 70):  # gathers; gathers; a 64-wide panel + 4-wide panel + 2 gathered columns
             with pytest.raises(Exception, match="outside"):
@@ -171,7 +172,7 @@ def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, is
     with pytest.raises(ValueError, match="float32"):
         condensed_linear(half, layer, backend="ffi")
     # "auto" falls back to XLA for what the kernel does not implement, with the right answer
-    np.testing.assert_allclose(np.asarray(condensed_linear(half, layer), np.float32), [[40.0, 40.0]])
+    np.testing.assert_allclose(np.asarray(condensed_linear(half, layer), np.float32), np.full((1, 18), 40.0))
 
 
 def test_kernel_loads_when_first_used_inside_jit():
