@@ -3,12 +3,14 @@
 At batch 1 every nonzero weight needs one gathered input, so a pass of 16-lane gathers over the layer's own
 index stream (bench/gather_floor.cc, compiled here with -O3 -march=native; AVX-512 and a C++ compiler
 needed) bounds the kernel from below. The layer is run L times inside one jit-compiled loop, so the per-call
-dispatch (~10 us) is paid once per L layers, as in a compiled model; dense jnp runs in the same kind of loop,
-numpy/BLAS (2 threads and 1) as L calls. Variants are interleaved in a fresh random order each repetition;
-medians per layer application. Prints the floor, each variant's time per layer, and
-"bound" = best dense / floor: the largest speed-up any batch-1 gather kernel can show on this machine.
+dispatch (~10 us) and the cold start of a call are paid once per L layers, as in a compiled model; dense jnp,
+condensed XLA, BCOO and BCSR run in the same kind of loop, numpy/BLAS (2 threads and 1) as L calls. Variants
+and the floor are interleaved in a fresh random order each repetition; medians per layer application.
+Prints each variant's time per layer and its speed-ups, the floor, and "bound" = best dense / floor: the
+largest speed-up any batch-1 gather kernel can show on this machine. Writes bench/results/batch1_bound.json
+and a bar chart (.png).
 
-    python bench/batch1_bound.py            # 3072 -> 768, 90% and 99% (about a minute)
+    python bench/batch1_bound.py            # 3072 -> 768, 80/90/95/99% (about two minutes)
     python bench/batch1_bound.py --quick    # smoke run
 """
 
@@ -133,6 +135,34 @@ def time_interleaved(variants: dict, reps: int, budget_s: float, seed: int) -> d
     return {n: np.asarray(t) for n, t in times.items()}
 
 
+def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
+    """Grouped bars per sparsity (us per layer, log scale), with each layer's gather floor as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(rows[0]["per_layer_median_us"])
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 4))
+    for vi, name in enumerate(variants):
+        xs = [i + (vi - (len(variants) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r["per_layer_median_us"][name] for r in rows], width, label=name, color=f"C{vi}")
+    for i, r in enumerate(rows):
+        if "gather_floor_us" in r:
+            ax.hlines(r["gather_floor_us"], i - 0.45, i + 0.45, colors="k", linestyles="--",
+                      label="gather floor" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [f"{r['sparsity']:.0%}\nk={r['fan_in']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("median us per layer application, log")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.99])
@@ -196,7 +226,9 @@ def main(argv=None) -> int:
     out = args.out_dir / f"{stem}.json"
     out.write_text(json.dumps({"machine": info, "args": {k: str(v) if isinstance(v, pathlib.Path) else v
                                                           for k, v in vars(args).items()}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    plot(rows, out.with_suffix(".png"), f"batch 1, {N_IN}->768 fp32, steady state (x{args.applications} in one jit), "
+         f"{info['cpu']} x{info['cores']}")
+    print(f"wrote {out} and {out.with_suffix('.png').name}")
     return 0
 
 

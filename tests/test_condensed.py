@@ -479,6 +479,7 @@ def test_benchmark_quick_smoke(tmp_path):
 
 def test_batch1_bound_records_the_floor_or_why_not(tmp_path):
     run_bench_quick("batch1_bound.py", tmp_path)
+    assert (tmp_path / "batch1_bound_quick.png").stat().st_size > 0
     (row,) = json.loads((tmp_path / "batch1_bound_quick.json").read_text())["rows"]
     assert set(row["per_layer_median_us"]) >= {"dense_jnp", "dense_numpy", "condensed_xla"}
     assert all(us > 0 for us in row["per_layer_median_us"].values())
