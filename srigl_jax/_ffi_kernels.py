@@ -4,8 +4,11 @@ The shared library ``srigl_jax/_condensed_kernel*.so`` is compiled by ``pip inst
 failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.condensed then uses
 its pure-XLA path. Environment:
   SRIGL_JAX_CONDENSED_FORCE_XLA=1     never use the kernel (checked when a function is traced)
-  SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: the caller plus XLA's CPU thread pool;
-      1 keeps the kernel on the calling thread, e.g. when XLA already runs other ops in parallel)
+  SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: the caller plus XLA's CPU thread pool, at
+      most one thread per core; 1 keeps the kernel on the calling thread, e.g. when XLA already runs other
+      ops in parallel)
+  SRIGL_JAX_CONDENSED_MIN_THREAD_WORK=m   calls under m multiply-adds stay on one thread, gathered ones
+      (batch < 4) counted 4x (default 262144, measured on a 2-vCPU VM; 0 always splits)
   SRIGL_JAX_CONDENSED_ISA=name        cap the instruction-set variant: avx512, avx2 or generic (default: the
       best this CPU runs; a variant the CPU lacks is never used). For tests and comparisons.
 """
@@ -25,6 +28,8 @@ import numpy as np
 
 TARGET_NAME = "srigl_condensed_matmul"
 MAX_THREADS_ENV = "SRIGL_JAX_CONDENSED_MAX_THREADS"
+MIN_THREAD_WORK_ENV = "SRIGL_JAX_CONDENSED_MIN_THREAD_WORK"
+DEFAULT_MIN_THREAD_WORK = 1 << 18
 ISA_ENV = "SRIGL_JAX_CONDENSED_ISA"
 ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
 _LIB_STEM = "_condensed_kernel"
@@ -135,12 +140,25 @@ def supports(x, values, indices) -> bool:
     return unsupported_reason(x, values, indices) == ""
 
 
-def _max_threads() -> int:
-    raw = os.environ.get(MAX_THREADS_ENV, "0")
+def _non_negative_int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
     try:
-        return max(int(raw), 0)
+        value = int(raw)
     except ValueError as err:
-        raise ValueError(f"{MAX_THREADS_ENV} must be an integer, got {raw!r}") from err
+        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}") from err
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}")
+    return value
+
+
+def _max_threads() -> int:
+    return _non_negative_int_env(MAX_THREADS_ENV, 0)
+
+
+def _min_thread_work() -> int:
+    return _non_negative_int_env(MIN_THREAD_WORK_ENV, DEFAULT_MIN_THREAD_WORK)
 
 
 def _isa_level() -> int:
@@ -163,7 +181,8 @@ def _ffi_call(x, values, indices, bias, active, out_features: int):
         vmap_method="sequential",
     )
     return call(x, values, indices, bias.astype(jnp.float32), active.astype(jnp.int32),
-                max_threads=np.int64(_max_threads()), isa=np.int64(_isa_level()))
+                max_threads=np.int64(_max_threads()), min_thread_work=np.int64(_min_thread_work()),
+                isa=np.int64(_isa_level()))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))

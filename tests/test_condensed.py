@@ -103,6 +103,17 @@ def test_ffi_matches_xla_on_every_batch_panel(monkeypatch, isa, index_dtype):
         np.testing.assert_allclose(np.asarray(y_ffi), masked_dense(x, kernel, mask, bias), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", [_ffi_kernels.MAX_THREADS_ENV, _ffi_kernels.MIN_THREAD_WORK_ENV])
+@pytest.mark.parametrize("raw", ["-1", "many", "1.5"])
+def test_thread_settings_must_be_non_negative_integers(monkeypatch, name, raw):
+    if not _ffi_kernels.available():
+        pytest.skip("C++ kernel unavailable")
+    monkeypatch.setenv(name, raw)
+    layer = condense_kernel(np.ones((40, 3), np.float32), np.ones((40, 3), bool))
+    with pytest.raises(ValueError, match=name):
+        condensed_linear(jnp.ones((2, 40)), layer, backend="ffi")
+
+
 def test_unknown_isa_name_is_an_error(monkeypatch):
     monkeypatch.setenv(_ffi_kernels.ISA_ENV, "sse9")
     with pytest.raises(ValueError, match="SRIGL_JAX_CONDENSED_ISA"):
@@ -218,6 +229,8 @@ def test_ffi_is_thread_safe_and_threaded_results_match(monkeypatch):
     layer = condense_kernel(kernel, mask, bias)
     xs = [rng.standard_normal((b, 1030)).astype(np.float32) for b in (1, 9, 64, 130)]
     monkeypatch.setenv(_ffi_kernels.MAX_THREADS_ENV, "0")  # all pool threads (read at trace time)
+    # every call split into thread chunks, batch 1 too (24-row chunks: a 16-row gather group and 8 more rows)
+    monkeypatch.setenv(_ffi_kernels.MIN_THREAD_WORK_ENV, "0")
     fn = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
     expected = [np.asarray(condensed_linear(x, layer, backend="xla")) for x in xs]
     for x in xs:  # compile first so threads only run

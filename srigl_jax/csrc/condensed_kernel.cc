@@ -90,6 +90,14 @@ static const Isa& GetIsa(int64_t requested) {
   return kIsas[requested < 0 || requested > best ? best : requested];
 }
 
+// Cost of a gathered multiply-add relative to a packed-panel one (see the thread decision below).
+constexpr int64_t kGatherWeight = 4;
+
+static int64_t HardwareThreads() {
+  static const int64_t n = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return n;
+}
+
 // Inputs per packing task (a multiple of the 16-wide transpose blocks).
 constexpr int64_t kPackRows = 512;
 // A thread keeps its packing buffer between calls up to this size (64 MB); larger ones are freed after use.
@@ -140,15 +148,10 @@ struct Work {
   }
 };
 
-// Below this many multiply-adds a call runs on the calling thread: waking pool threads and sharing the work
-// cost more than they save (measured on the 3072 -> 768 benchmark: threads won from ~2M multiply-adds, e.g.
-// 90% sparse at batch >= 64, and lost at 99% sparse, batch 8).
-constexpr int64_t kMinWorkForThreads = 1 << 21;
-
 static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
                                       ffi::AnyBuffer indices, ffi::Buffer<ffi::F32> bias,
                                       ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::F32> out,
-                                      int64_t max_threads, int64_t isa_level) {
+                                      int64_t max_threads, int64_t min_thread_work, int64_t isa_level) {
   const auto xd = x.dimensions();
   const auto vd = values.dimensions();
   const auto id = indices.dimensions();
@@ -195,10 +198,12 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   }
   if (batch == 0 || n_out == 0) return ffi::Error::Success();
 
+  int64_t panel_columns = 0;
   for (int64_t b0 = 0; b0 < batch;) {
     work->block_starts.push_back(b0);
     const int64_t w = generic::PanelWidth(b0, batch);
     if (w > 0) ++work->n_panels;
+    panel_columns += w;
     b0 = w > 0 ? b0 + w : batch;
   }
   // Batch panels (see PackRange); reused across calls of this thread: a call finishes all its tasks before
@@ -209,10 +214,16 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   work->pack_per_panel = std::max<int64_t>(1, (n_in + kPackRows - 1) / kPackRows);
   work->n_pack = work->n_panels * work->pack_per_panel;
 
+  // The caller plus the pool, but never more threads than cores: a preempted thread holding a chunk stalls
+  // the whole call.
   const int64_t pool_threads = pool.num_threads();
-  int64_t workers = 1 + std::max<int64_t>(pool_threads, 0);
+  int64_t workers = std::min<int64_t>(1 + std::max<int64_t>(pool_threads, 0), HardwareThreads());
   if (max_threads > 0) workers = std::min(workers, max_threads);
-  if (n_active * k * batch < kMinWorkForThreads) workers = 1;
+  // Small calls stay on this thread: waking pool threads and sharing the work cost more than they save.
+  // Work is counted in multiply-adds, those of gathered columns (batch < 4, the last < 4 columns) weighted
+  // kGatherWeight times, as a gather costs about that much more than a packed-panel multiply-add.
+  const int64_t work_estimate = n_active * k * (panel_columns + kGatherWeight * (batch - panel_columns));
+  if (work_estimate < min_thread_work) workers = 1;
   const int64_t chunks_wanted = workers == 1 ? 1 : workers * 4;
   // Chunks of whole register tiles: a multiple of 24 rows is a multiple of every R in use (1 to 12), so
   // only a chunk's last tile can be short (a short tile still computes R rows).
@@ -247,6 +258,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMa
                                   .Arg<ffi::Buffer<ffi::S32>>()  // active (n_active,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out, physically (out, B)
                                   .Attr<int64_t>("max_threads")
+                                  .Attr<int64_t>("min_thread_work")
                                   .Attr<int64_t>("isa"));
 
 // The level of the best instruction-set variant this CPU runs (0, 1, 2; names in srigl_jax/_ffi_kernels.py).
