@@ -2,9 +2,10 @@
 // stream of a layer (full 16-index steps plus one masked step per neuron for the k % 16 tail, as the kernel
 // does), with no value loads, multiply-adds or reductions. Driven by bench/batch1_bound.py, which writes the
 // int16 indices of its layer to a file and compiles this with -O3 -march=native.
-//   usage: gather_floor <indices.bin> <n_active> <k> <n_in> <reps>
+//   usage: gather_floor <indices.bin> <n_active> <k> <n_in> <reps> [cpu]   (cpu: pin to that CPU first)
 // Prints "min_us median_us" over <reps> passes over all neurons (x is 4 * n_in bytes, L1/L2-resident as at batch 1).
 #include <immintrin.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <chrono>
@@ -34,9 +35,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), noinline)) static float Gath
 }
 
 int main(int argc, char** argv) {
-  if (argc != 6) {
-    std::fprintf(stderr, "usage: %s <indices.bin> <n_active> <k> <n_in> <reps>\n", argv[0]);
+  if (argc != 6 && argc != 7) {
+    std::fprintf(stderr, "usage: %s <indices.bin> <n_active> <k> <n_in> <reps> [cpu]\n", argv[0]);
     return 2;
+  }
+  if (argc == 7) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(std::atoi(argv[6]), &one);
+    if (sched_setaffinity(0, sizeof(one), &one) != 0) {
+      std::perror("sched_setaffinity");
+      return 2;
+    }
   }
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
