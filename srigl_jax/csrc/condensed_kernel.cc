@@ -93,11 +93,6 @@ static const Isa& GetIsa(int64_t requested) {
 // Cost of a gathered multiply-add relative to a packed-panel one (see the thread decision below).
 constexpr int64_t kGatherWeight = 4;
 
-static int64_t HardwareThreads() {
-  static const int64_t n = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return n;
-}
-
 // Inputs per packing task (a multiple of the 16-wide transpose blocks).
 constexpr int64_t kPackRows = 512;
 // A thread keeps its packing buffer between calls up to this size (64 MB); larger ones are freed after use.
@@ -219,10 +214,11 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   work->pack_per_panel = std::max<int64_t>(1, (n_in + kPackRows - 1) / kPackRows);
   work->n_pack = work->n_panels * work->pack_per_panel;
 
-  // The caller plus the pool, but never more threads than cores: a preempted thread holding a chunk stalls
-  // the whole call.
+  // The caller plus pool threads, but no more threads in all than the pool has (XLA sizes it to the cores
+  // this process may use): the caller is not a pool thread, and one thread too many means a preempted
+  // thread holding a chunk stalls the whole call.
   const int64_t pool_threads = pool.num_threads();
-  int64_t workers = std::min<int64_t>(1 + std::max<int64_t>(pool_threads, 0), HardwareThreads());
+  int64_t workers = std::max<int64_t>(1, pool_threads);
   if (max_threads > 0) workers = std::min(workers, max_threads);
   // Small calls stay on this thread: waking pool threads and sharing the work cost more than they save.
   // Work is counted in multiply-adds, those of gathered columns (batch < 4, the last < 4 columns) weighted
