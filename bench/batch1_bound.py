@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 from _blas_env import reexec_with_blas_env  # bench/ is sys.path[0]
 
@@ -35,20 +34,21 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import sparse  # noqa: E402
-from condensed_linear import N_IN, RESULTS, machine_info, make_layer, with_env  # noqa: E402
+from condensed_linear import N_IN, RESULTS, machine_info, make_layer, time_interleaved, with_env  # noqa: E402
 
 from srigl_jax import _ffi_kernels  # noqa: E402
 from srigl_jax.condensed import condense_kernel, condensed_linear  # noqa: E402
 
 FLOOR_SOURCE = pathlib.Path(__file__).resolve().parent / "gather_floor.cc"
 FLOOR = "gather_floor"
+FLOOR_COMPILERS = ("g++", "c++", "clang++")
 
 
 def gather_floor(indices: np.ndarray, n_in: int, passes: int, workdir: pathlib.Path):
     """A callable timing the gather-only pass over ``indices`` (int16): it returns the median seconds of
     ``passes`` passes (timed inside the C++ program) on the fastest CPU, or a string saying why the floor is
     unavailable."""
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    compiler = next(filter(None, map(shutil.which, FLOOR_COMPILERS)), None)
     if compiler is None:
         return "no C++ compiler found"
     exe = workdir / "gather_floor"
@@ -117,7 +117,7 @@ def build_variants(kernel, mask, bias, x_np, applications: int) -> dict:
         def ffi_layer(x, layer):
             return condensed_linear(x, layer, backend="ffi")
 
-        ffi = in_jit_loop(ffi_layer, applications)  # default threads
+        ffi = in_jit_loop(with_env(_ffi_kernels.MAX_THREADS_ENV, "0", ffi_layer), applications)  # default threads
         ffi_1t = in_jit_loop(with_env(_ffi_kernels.MAX_THREADS_ENV, "1", ffi_layer), applications)
         variants["condensed_ffi"] = lambda: ffi(x, layer).block_until_ready()
         variants["condensed_ffi_1t"] = lambda: ffi_1t(x, layer).block_until_ready()
@@ -130,23 +130,6 @@ def build_variants(kernel, mask, bias, x_np, applications: int) -> dict:
     variants["bcoo"] = lambda: bcoo(x, w_bcoo).block_until_ready()
     variants["bcsr"] = lambda: bcsr(x, w_bcsr).block_until_ready()
     return variants, layer
-
-
-def time_interleaved(variants: dict, reps: int, budget_s: float, seed: int) -> dict[str, np.ndarray]:
-    """Seconds per call of each variant, all interleaved in a fresh random order per repetition; a variant
-    that returns a number (the gather floor, timed in its own process) reports its own time."""
-    names = list(variants)
-    times = {n: [] for n in names}
-    order = np.random.default_rng(seed)
-    start = time.perf_counter()
-    for rep in range(reps):
-        if rep >= 10 and time.perf_counter() - start > budget_s:
-            break
-        for name in order.permutation(names):
-            t0 = time.perf_counter()
-            own = variants[name]()
-            times[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
-    return {n: np.asarray(t) for n, t in times.items()}
 
 
 def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
@@ -204,7 +187,7 @@ def main(argv=None) -> int:
             for fn in variants.values():
                 fn()  # compile, warm up
             timed = dict(variants) if isinstance(floor, str) else {**variants, FLOOR: floor}
-            times = time_interleaved(timed, args.reps, args.budget_s, args.seed)
+            times = time_interleaved(timed, args.reps, args.budget_s, args.seed, min_reps=10)
             per_call_us = {n: float(np.median(t)) * 1e6 for n, t in times.items()}
             floor_us = per_call_us.pop(FLOOR, None)
             per_layer_us = {n: us / args.applications for n, us in per_call_us.items()}

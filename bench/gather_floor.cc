@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (argc == 7) {
+#ifdef __linux__
     cpu_set_t one;
     CPU_ZERO(&one);
     CPU_SET(std::atoi(argv[6]), &one);
@@ -47,6 +48,10 @@ int main(int argc, char** argv) {
       std::perror("sched_setaffinity");
       return 2;
     }
+#else
+    std::fprintf(stderr, "pinning to a CPU is only implemented on Linux\n");
+    return 2;
+#endif
   }
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||

@@ -4,11 +4,12 @@ The shared library ``srigl_jax/_condensed_kernel*.so`` is compiled by ``pip inst
 failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.condensed then uses
 its pure-XLA path. Environment:
   SRIGL_JAX_CONDENSED_FORCE_XLA=1     never use the kernel (checked when a function is traced)
-  SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: the caller plus XLA's CPU thread pool, at
-      most one thread per core; 1 keeps the kernel on the calling thread, e.g. when XLA already runs other
-      ops in parallel)
-  SRIGL_JAX_CONDENSED_MIN_THREAD_WORK=m   calls under m multiply-adds stay on one thread, gathered ones
-      (batch < 4) counted 4x (default 262144, measured on a 2-vCPU VM; 0 always splits)
+  SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: as many as XLA's CPU thread pool has, i.e.
+      one per CPU, the calling thread included; 1 keeps the kernel on the calling thread, e.g. when XLA
+      already runs other ops in parallel)
+  SRIGL_JAX_CONDENSED_MIN_THREAD_WORK=m   calls under m multiply-adds stay on one thread, gathered ones (batch
+      < 4 and the last < 4 columns of a batch) counted 4x (default 262144, measured on a 2-vCPU VM; 0 always
+      splits)
   SRIGL_JAX_CONDENSED_ISA=name        cap the instruction-set variant: avx512, avx2 or generic (default: the
       best this CPU runs; a variant the CPU lacks is never used). For tests and comparisons.
 """
@@ -141,6 +142,7 @@ def supports(x, values, indices) -> bool:
 
 
 def _non_negative_int_env(name: str, default: int) -> int:
+    """An integer setting in [0, 2^62] (it travels to the kernel as int64)."""
     raw = os.environ.get(name, "").strip()
     if raw == "":
         return default
@@ -148,8 +150,8 @@ def _non_negative_int_env(name: str, default: int) -> int:
         value = int(raw)
     except ValueError as err:
         raise ValueError(f"{name} must be a non-negative integer, got {raw!r}") from err
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}")
+    if not 0 <= value <= 2**62:
+        raise ValueError(f"{name} must be a non-negative integer up to 2^62, got {raw!r}")
     return value
 
 

@@ -214,9 +214,8 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   work->pack_per_panel = std::max<int64_t>(1, (n_in + kPackRows - 1) / kPackRows);
   work->n_pack = work->n_panels * work->pack_per_panel;
 
-  // The caller plus pool threads, but no more threads in all than the pool has (XLA sizes it to the cores
-  // this process may use): the caller is not a pool thread, and one thread too many means a preempted
-  // thread holding a chunk stalls the whole call.
+  // No more threads in all, the caller included, than XLA's pool has (one per CPU this process may use):
+  // one thread too many means a preempted thread holding a chunk stalls the whole call.
   const int64_t pool_threads = pool.num_threads();
   int64_t workers = std::max<int64_t>(1, pool_threads);
   if (max_threads > 0) workers = std::min(workers, max_threads);
