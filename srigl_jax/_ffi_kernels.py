@@ -7,9 +7,9 @@ its pure-XLA path. Environment:
   SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: as many as XLA's CPU thread pool has, i.e.
       one per CPU, the calling thread included; 1 keeps the kernel on the calling thread, e.g. when XLA
       already runs other ops in parallel)
-  SRIGL_JAX_CONDENSED_MIN_THREAD_WORK=m   calls under m multiply-adds stay on one thread, gathered ones (batch
-      < 4 and the last < 4 columns of a batch) counted 4x (default 262144, measured on a 2-vCPU VM; 0 always
-      splits)
+  SRIGL_JAX_CONDENSED_MIN_THREAD_WORK=m   every thread gets at least m multiply-adds (gathered ones, batch < 4
+      and the last < 4 columns of a batch, counted 4x), so smaller calls stay on one thread (default 262144,
+      measured on a 2-vCPU VM; 0: always all threads)
   SRIGL_JAX_CONDENSED_ISA=name        cap the instruction-set variant: avx512, avx2 or generic (default: the
       best this CPU runs; a variant the CPU lacks is never used). For tests and comparisons.
 """

@@ -219,11 +219,15 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const int64_t pool_threads = pool.num_threads();
   int64_t workers = std::max<int64_t>(1, pool_threads);
   if (max_threads > 0) workers = std::min(workers, max_threads);
-  // Small calls stay on this thread: waking pool threads and sharing the work cost more than they save.
-  // Work is counted in multiply-adds, those of gathered columns (batch < 4, the last < 4 columns) weighted
-  // kGatherWeight times, as a gather costs about that much more than a packed-panel multiply-add.
+  // Every thread gets at least min_thread_work of work (so small calls stay on this thread): waking a pool
+  // thread and sharing the work cost more than they save below that, and on a many-core machine a small
+  // call must not schedule a task on every core. Work is counted in multiply-adds, those of gathered columns
+  // (batch < 4, the last < 4 columns) weighted kGatherWeight times, as a gather costs about that much more
+  // than a packed-panel multiply-add.
   const int64_t work_estimate = n_active * k * (panel_columns + kGatherWeight * (batch - panel_columns));
-  if (work_estimate < min_thread_work) workers = 1;
+  if (min_thread_work > 0) {
+    workers = std::min(workers, std::max<int64_t>(1, (work_estimate + min_thread_work - 1) / min_thread_work));
+  }
   const int64_t chunks_wanted = workers == 1 ? 1 : workers * 4;
   // Chunks of whole register tiles: a multiple of 24 rows is a multiple of every R in use (1 to 12), so
   // only a chunk's last tile can be short (a short tile still computes R rows).
