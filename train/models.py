@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 # Kaiming-normal (fan_out) is the torchvision ResNet init; the sparse core re-initialises sparse kernels anyway.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# The ResNets' convolutions: no bias (a BatchNorm follows), He (fan-out) initialisation.
+_conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
 
 
 class MLP(nn.Module):
@@ -58,6 +60,15 @@ def _batch_norm(train: bool, name: str, zero_init: bool = False) -> nn.BatchNorm
                         scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones)
 
 
+def _projected_shortcut(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
+    """x, or its 1x1-conv + BN projection ("shortcut", "shortcut_bn") when the block changes its shape.
+    Called inside a block's compact ``__call__``, so the layers belong to that block."""
+    if stride == 1 and x.shape[-1] == features:
+        return x
+    x = _conv(features, (1, 1), (stride, stride), name="shortcut")(x)
+    return _batch_norm(train, "shortcut_bn")(x)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs), projection shortcut when the shape changes."""
 
@@ -66,15 +77,11 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
-        y = conv(self.features, (3, 3), (self.stride, self.stride), padding=1, name="conv1")(x)
+        y = _conv(self.features, (3, 3), (self.stride, self.stride), padding=1, name="conv1")(x)
         y = nn.relu(_batch_norm(train, "bn1")(y))
-        y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
+        y = _conv(self.features, (3, 3), padding=1, name="conv2")(y)
         y = _batch_norm(train, "bn2")(y)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            x = conv(self.features, (1, 1), (self.stride, self.stride), name="shortcut")(x)
-            x = _batch_norm(train, "shortcut_bn")(x)
-        return nn.relu(x + y)
+        return nn.relu(_projected_shortcut(x, self.features, self.stride, train) + y)
 
 
 class Bottleneck(nn.Module):
@@ -85,15 +92,11 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
-        y = nn.relu(_batch_norm(train, "bn1")(conv(self.features, (1, 1), name="conv1")(x)))
-        y = conv(self.features, (3, 3), (self.stride, self.stride), padding=1, name="conv2")(y)
+        y = nn.relu(_batch_norm(train, "bn1")(_conv(self.features, (1, 1), name="conv1")(x)))
+        y = _conv(self.features, (3, 3), (self.stride, self.stride), padding=1, name="conv2")(y)
         y = nn.relu(_batch_norm(train, "bn2")(y))
-        y = _batch_norm(train, "bn3", zero_init=True)(conv(self.features * 4, (1, 1), name="conv3")(y))
-        if self.stride != 1 or x.shape[-1] != self.features * 4:
-            x = conv(self.features * 4, (1, 1), (self.stride, self.stride), name="shortcut")(x)
-            x = _batch_norm(train, "shortcut_bn")(x)
-        return nn.relu(x + y)
+        y = _batch_norm(train, "bn3", zero_init=True)(_conv(self.features * 4, (1, 1), name="conv3")(y))
+        return nn.relu(_projected_shortcut(x, self.features * 4, self.stride, train) + y)
 
 
 class ResNet(nn.Module):
@@ -108,12 +111,11 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.cifar_stem:
-            x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init, name="stem")(x)
-            x = nn.relu(_batch_norm(train, "stem_bn")(x))
+            x = _conv(self.width, (3, 3), padding=1, name="stem")(x)
         else:
-            x = nn.Conv(self.width, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=_conv_init,
-                        name="stem")(x)
-            x = nn.relu(_batch_norm(train, "stem_bn")(x))
+            x = _conv(self.width, (7, 7), (2, 2), padding=3, name="stem")(x)
+        x = nn.relu(_batch_norm(train, "stem_bn")(x))
+        if not self.cifar_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, n_blocks in enumerate(self.stage_sizes):
             for b in range(n_blocks):
@@ -131,13 +133,12 @@ class WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init)
         pre = nn.relu(_batch_norm(train, "bn1")(x))
-        y = conv(self.features, (3, 3), (self.stride, self.stride), padding=1, name="conv1")(pre)
+        y = _conv(self.features, (3, 3), (self.stride, self.stride), padding=1, name="conv1")(pre)
         y = nn.relu(_batch_norm(train, "bn2")(y))
-        y = conv(self.features, (3, 3), padding=1, name="conv2")(y)
-        if self.stride != 1 or x.shape[-1] != self.features:
-            x = conv(self.features, (1, 1), (self.stride, self.stride), name="shortcut")(pre)
+        y = _conv(self.features, (3, 3), padding=1, name="conv2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:  # pre-activation: projects pre, no BN
+            x = _conv(self.features, (1, 1), (self.stride, self.stride), name="shortcut")(pre)
         return x + y
 
 
@@ -153,7 +154,7 @@ class WideResNet(nn.Module):
         if (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {self.depth}")
         n_blocks = (self.depth - 4) // 6
-        x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init, name="stem")(x)
+        x = _conv(16, (3, 3), padding=1, name="stem")(x)
         for group, base in enumerate((16, 32, 64)):
             for b in range(n_blocks):
                 stride = 2 if group > 0 and b == 0 else 1
