@@ -30,18 +30,16 @@ from _blas_env import reexec_with_blas_env  # bench/ is sys.path[0]
 
 reexec_with_blas_env()
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import sparse  # noqa: E402
-from condensed_linear import N_IN, RESULTS, machine_info, make_layer, time_interleaved, with_env  # noqa: E402
-
-from srigl_jax import _ffi_kernels  # noqa: E402
-from srigl_jax.condensed import condense_kernel, condensed_linear  # noqa: E402
+from condensed_linear import (  # noqa: E402
+    N_IN, RESULTS, build_variants, machine_info, make_layer, time_interleaved)
 
 FLOOR_SOURCE = pathlib.Path(__file__).resolve().parent / "gather_floor.cc"
 FLOOR = "gather_floor"
 FLOOR_COMPILERS = ("g++", "c++", "clang++")
+# The variants of condensed_linear.py timed here, in this order.
+VARIANTS = ("dense_jnp", "dense_numpy", "dense_numpy_1t", "condensed_ffi", "condensed_ffi_1t", "condensed_xla",
+            "bcoo", "bcsr")
 
 
 def gather_floor(indices: np.ndarray, n_in: int, passes: int, workdir: pathlib.Path):
@@ -78,58 +76,6 @@ def gather_floor(indices: np.ndarray, n_in: int, passes: int, workdir: pathlib.P
     except RuntimeError as err:  # e.g. no AVX-512 on this CPU
         return str(err)
     return run
-
-
-def in_jit_loop(layer_fn, applications: int):
-    """jit of ``applications`` chained calls of ``layer_fn(x, *params)`` (each input depends on the last output,
-    by an fp32-invisible 1e-30 nudge, so XLA can neither hoist nor merge them); returns the final x."""
-    def run(x, *params):
-        def body(_, x):
-            y = layer_fn(x, *params)
-            return x.at[0, 0].add(1e-30 * y[0, 0])
-        return jax.lax.fori_loop(0, applications, body, x)
-    return jax.jit(run)
-
-
-def build_variants(kernel, mask, bias, x_np, applications: int) -> dict:
-    """name -> zero-arg callable running ``applications`` layer applications."""
-    x, w, b = jnp.asarray(x_np), jnp.asarray(kernel), jnp.asarray(bias)
-    layer = condense_kernel(kernel, mask, bias)
-    dense = in_jit_loop(lambda x, w, b: x @ w + b, applications)
-    variants = {"dense_jnp": lambda: dense(x, w, b).block_until_ready()}
-
-    def numpy_dense():
-        for _ in range(applications):
-            x_np @ kernel + bias
-
-    variants["dense_numpy"] = numpy_dense
-    try:
-        from threadpoolctl import threadpool_limits
-
-        def numpy_dense_1t():
-            with threadpool_limits(1, user_api="blas"):
-                numpy_dense()
-
-        variants["dense_numpy_1t"] = numpy_dense_1t
-    except ImportError:
-        pass
-    if _ffi_kernels.available():
-        def ffi_layer(x, layer):
-            return condensed_linear(x, layer, backend="ffi")
-
-        ffi = in_jit_loop(with_env(_ffi_kernels.MAX_THREADS_ENV, "0", ffi_layer), applications)  # default threads
-        ffi_1t = in_jit_loop(with_env(_ffi_kernels.MAX_THREADS_ENV, "1", ffi_layer), applications)
-        variants["condensed_ffi"] = lambda: ffi(x, layer).block_until_ready()
-        variants["condensed_ffi_1t"] = lambda: ffi_1t(x, layer).block_until_ready()
-    xla = in_jit_loop(lambda x, layer: condensed_linear(x, layer, backend="xla"), applications)
-    variants["condensed_xla"] = lambda: xla(x, layer).block_until_ready()
-    # unstructured baselines, as in condensed_linear.py
-    w_bcoo, w_bcsr = sparse.BCOO.fromdense(w), sparse.BCSR.fromdense(w.T)
-    bcoo = in_jit_loop(lambda x, w_bcoo: x @ w_bcoo + b, applications)
-    bcsr = in_jit_loop(lambda x, w_bcsr: (w_bcsr @ x.T).T + b, applications)
-    variants["bcoo"] = lambda: bcoo(x, w_bcoo).block_until_ready()
-    variants["bcsr"] = lambda: bcsr(x, w_bcsr).block_until_ready()
-    return variants, layer
 
 
 def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
@@ -180,9 +126,10 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for sparsity in args.sparsities:
-            kernel, mask, bias, _, k = make_layer(rng, sparsity, 0.0)
+            kernel, mask, bias, alive, k = make_layer(rng, sparsity, 0.0)
             x_np = rng.standard_normal((1, N_IN)).astype(np.float32)
-            variants, layer = build_variants(kernel, mask, bias, x_np, args.applications)
+            built, layer = build_variants(kernel, mask, bias, alive, x_np, args.applications)
+            variants = {name: built[name] for name in VARIANTS if name in built}
             floor = gather_floor(np.asarray(layer.indices), N_IN, args.applications, pathlib.Path(tmp))
             for fn in variants.values():
                 fn()  # compile, warm up
