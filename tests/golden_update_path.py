@@ -22,7 +22,7 @@ import optax
 import srigl_jax as sj
 
 GOLDEN_FILE = pathlib.Path(__file__).parent / "golden" / "update_path.npz"
-STEPS = 9
+STEPS = 9  # optimizer steps 0..8 (the step passed is the number of steps already taken, as in train/)
 NONFINITE_STEP = 5  # grads hold a NaN on this step: it must change nothing
 
 
@@ -99,7 +99,7 @@ def run_sparse_apply(name: str) -> dict[str, np.ndarray]:
     acc = algo.init_grad_accumulator(params) if algo.grad_accumulation_steps > 1 else None
     out = record({}, "init", params, masks)
     step_fn = jax.jit(lambda p, s, m, g, k, t, a: sj.sparse_apply(algo, tx, p, s, m, g, k, t, grad_acc=a))
-    for step in range(1, STEPS + 1):
+    for step in range(STEPS):
         res = step_fn(params, opt_state, masks, synthetic_grads(step, name in TIES), mask_key(step),
                       jnp.int32(step), acc)
         params, opt_state, masks, acc = res.params, res.opt_state, res.masks, res.grad_acc
