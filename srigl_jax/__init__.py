@@ -1,7 +1,8 @@
 """srigl-jax: SRigL (Structured RigL) dynamic sparse training in JAX.
 
-Masks are boolean pytrees alongside params; ``update_masks`` is pure and jit-able; ``apply_masks`` is an
-optax transform; ``sparse_apply`` runs one full sparse training update.
+Masks are boolean pytrees alongside params; ``update_masks`` is pure and jit-able; ``sparse_optimizer`` is one
+optax transformation that owns masks, step, growth window and key (drop-in for optax, Flax ``TrainState`` and
+``nnx.Optimizer``); ``apply_masks`` and ``reset_optimizer_state`` are its public pieces.
 """
 
 from srigl_jax import analysis  # noqa: F401  (plotting is imported separately: it selects a backend)
@@ -24,7 +25,18 @@ from srigl_jax.condensed import (
     export_structured,
 )
 from srigl_jax.metrics import init_itop, itop_rate, sparsity_metrics, update_itop
-from srigl_jax.optim import SparseApplyResult, apply_masks, reset_optimizer_state, sparse_apply
+from srigl_jax.optim import (
+    SparseApplyResult,
+    SparseState,
+    SparseStepResult,
+    apply_masks,
+    get_masks,
+    get_sparse_state,
+    reset_optimizer_state,
+    sparse_apply,
+    sparse_optimizer,
+    sparse_step,
+)
 from srigl_jax.paths import path_str
 from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, LayerPlan, layer_sparsities
 
@@ -48,15 +60,21 @@ __all__ = [
     "SET",
     "SRigL",
     "SparseApplyResult",
+    "SparseState",
+    "SparseStepResult",
     "Static",
     "any_nonfinite",
     "apply_masks",
+    "get_masks",
+    "get_sparse_state",
     "init_itop",
     "itop_rate",
     "layer_sparsities",
     "path_str",
     "reset_optimizer_state",
     "sparse_apply",
+    "sparse_optimizer",
+    "sparse_step",
     "sparsity_metrics",
     "update_itop",
 ]

@@ -1,4 +1,5 @@
-"""Optax integration: the mask-applying transform, optimizer-state reset, and one sparse step."""
+"""Optax integration: ``sparse_optimizer`` (one transformation that owns masks, step, growth window and key), and
+the pieces it is built from (``apply_masks``, ``reset_optimizer_state``), which stay public for custom loops."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import optax
 from jax import lax
 
 from srigl_jax.algorithms import DynamicSparsity, MaskUpdateInfo, any_nonfinite, check_same_structure
+from srigl_jax.paths import named_leaves
 
 PyTree = Any
 
@@ -19,7 +21,7 @@ def apply_masks() -> optax.GradientTransformationExtraArgs:
 
     Masks are passed as an extra argument: ``tx.update(grads, state, params, masks=masks)``. Where a
     mask is False the update becomes ``-params`` (so ``params + update == 0`` exactly), or 0 when
-    ``params`` is not given. Put it last in an ``optax.chain``.
+    ``params`` is not given. Put it last in an ``optax.chain``. (``sparse_optimizer`` does this itself.)
 
     >>> import jax.numpy as jnp, optax
     >>> tx = optax.chain(optax.sgd(1.0), apply_masks())
@@ -47,6 +49,17 @@ def apply_masks() -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _pure(tree: PyTree) -> PyTree:
+    """``tree`` with Flax NNX Variable wrappers (``nnx.Optimizer`` keeps its state as ``OptVariable``s)
+    replaced by their values; any other tree is returned as is."""
+    from flax import nnx  # flax is a dependency; imported here so the core does not load it eagerly
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if not any(is_var(x) for x in jax.tree.leaves(tree, is_leaf=is_var)):
+        return tree
+    return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
+
+
 def reset_optimizer_state(
     tx: optax.GradientTransformation, opt_state: PyTree, old_masks: PyTree, new_masks: PyTree
 ) -> PyTree:
@@ -54,8 +67,11 @@ def reset_optimizer_state(
     both ``old_masks`` and ``new_masks``: newly grown weights start with fresh state.
 
     Works for any optax optimizer (chains, ``inject_hyperparams``, ...) through
-    ``optax.tree_map_params``; non-parameter state (counts, hyperparameters) is untouched.
+    ``optax.tree_map_params``; non-parameter state (counts, hyperparameters) is untouched. An
+    ``nnx.Optimizer``'s ``opt_state`` (``OptVariable``-wrapped) is accepted and returned as plain arrays
+    (write it back with ``nnx.update(optimizer.opt_state, nnx.state(new_state))``).
     """
+    opt_state, old_masks, new_masks = _pure(opt_state), _pure(old_masks), _pure(new_masks)
     kept = jax.tree.map(jnp.logical_and, old_masks, new_masks)
 
     def reset(state_leaf, kept_leaf):
@@ -64,6 +80,216 @@ def reset_optimizer_state(
         return jnp.where(kept_leaf, state_leaf, jnp.zeros((), state_leaf.dtype))
 
     return optax.tree_map_params(tx, reset, opt_state, kept, transform_non_params=lambda x: x)
+
+
+class SparseStepResult(NamedTuple):
+    """One sparse step as updates relative to the incoming params (the optax contract)."""
+
+    updates: PyTree
+    inner_state: PyTree
+    masks: PyTree
+    grad_acc: PyTree | None
+    info: MaskUpdateInfo
+
+
+def sparse_step(
+    algo: DynamicSparsity,
+    inner: optax.GradientTransformation,
+    params: PyTree,
+    inner_state: PyTree,
+    masks: PyTree,
+    grads: PyTree,
+    key: jax.Array,
+    step: jax.Array,
+    grad_acc: PyTree | None,
+    skip_nonfinite: bool,
+    **extra_args: Any,
+) -> SparseStepResult:
+    """The one implementation of a sparse training update (``sparse_optimizer`` and ``sparse_apply`` call it).
+
+    1. growth gradients: ``grads``, or the window mean when ``grad_acc`` is given;
+    2. ``algo.update_masks_with_info`` (a no-op except on update steps), with ``key`` for this step;
+    3. on update steps, ``inner_state`` of weights not active before and after is reset to 0;
+    4. ``inner`` steps on the gradient of the weights active before and after (inactive positions never reach
+       it, so clipping sees the sparse gradient) with ``params`` as the mask update left them and
+       ``masks=`` the new masks as an extra argument;
+    5. the updates land kept weights on ``params + inner update``, grown weights on ``inner update`` (0 with
+       a fresh state for every optax optimizer) and inactive weights on exactly 0.
+    With ``skip_nonfinite`` a step whose grads or params hold NaN/Inf returns zero updates and leaves every
+    state untouched (``info.nonfinite``; ``info.updated`` is then False: a mask update due on such a step is
+    skipped, not retried).
+    """
+    if algo.grad_accumulation_steps > 1 and grad_acc is None:
+        raise ValueError(
+            f"algo.grad_accumulation_steps={algo.grad_accumulation_steps} needs the growth-gradient window: "
+            "pass grad_acc=algo.init_grad_accumulator(params) (sparse_optimizer keeps it for you)")
+    nonfinite = any_nonfinite(grads) | any_nonfinite(params)
+
+    def step_once(_):
+        growth, acc = grads, grad_acc
+        if acc is not None:
+            acc = algo.accumulate_grads(acc, grads, step)
+            growth = algo.averaged_grads(acc)
+        new_params, new_masks, step_info = algo.update_masks_with_info(params, growth, masks, key, step)
+        state = lax.cond(step_info.updated, lambda s: reset_optimizer_state(inner, s, masks, new_masks),
+                         lambda s: s, inner_state)
+        kept = jax.tree.map(jnp.logical_and, masks, new_masks)
+        opt_grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros((), g.dtype)), grads, kept)
+        inner_updates, state = inner.update(opt_grads, state, new_params, masks=new_masks, **extra_args)
+        # Kept weights: the inner update as is (new_params == params there, so params + u is exactly what an
+        # optimizer step on them gives). Elsewhere land exactly on the new value: u where grown, 0 where inactive.
+        updates = jax.tree.map(
+            lambda u, k, m, p: jnp.where(k, u, jnp.where(m, u, jnp.zeros((), u.dtype)) - p.astype(u.dtype)),
+            inner_updates, kept, new_masks, params)
+        return updates, state, new_masks, acc, step_info
+
+    if not skip_nonfinite:
+        updates, state, new_masks, acc, info = step_once(None)
+        return SparseStepResult(updates, state, new_masks, acc, info._replace(nonfinite=info.nonfinite | nonfinite))
+
+    def unchanged(_):
+        update_shapes = jax.eval_shape(step_once, None)[0]
+        return jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), update_shapes), inner_state, masks, grad_acc
+
+    updates, state, new_masks, acc = lax.cond(nonfinite, unchanged, lambda _: step_once(_)[:4], None)
+    info = MaskUpdateInfo(algo.is_update_step(step) & ~nonfinite, nonfinite, algo.drop_fraction(step))
+    return SparseStepResult(updates, state, new_masks, acc, info)
+
+
+class SparseState(NamedTuple):
+    """State of :func:`sparse_optimizer`: everything sparse training needs besides the params.
+
+    ``step`` counts ``update`` calls so far (a skipped non-finite step counts too, so the mask schedule stays
+    aligned with the data); ``grad_acc`` is the growth-gradient window (None when
+    ``grad_accumulation_steps == 1``); ``key`` is the base key (raw key data, uint32) from which step t's key
+    is ``fold_in(key, t)``; ``info`` is the last step's ``MaskUpdateInfo``; ``inner_state`` the wrapped
+    optimizer's state.
+    """
+
+    masks: PyTree
+    step: jax.Array
+    grad_acc: PyTree | None
+    key: jax.Array
+    info: MaskUpdateInfo
+    inner_state: PyTree
+
+
+def sparse_optimizer(
+    inner: optax.GradientTransformation,
+    algo: DynamicSparsity,
+    *,
+    masks: PyTree,
+    key: jax.Array,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """Sparse training as one optax transformation: ``inner`` (any optax optimizer) plus the masks.
+
+    The state (:class:`SparseState`) holds the masks, the step count, the growth-gradient window (when
+    ``algo.grad_accumulation_steps > 1``), the key, the last ``MaskUpdateInfo`` and ``inner``'s state, so the
+    training loop stays the user's own: plain ``tx.update`` + ``optax.apply_updates``, a Flax ``TrainState``,
+    or an ``nnx.Optimizer``. ``grads`` are the dense gradients of the model (inactive weights are exact zeros
+    in ``params``, so the forward pass needs no mask); ``params`` must be passed to ``update``.
+
+    Each ``update`` is :func:`sparse_step`: mask update on update steps (``algo.update_masks``), optimizer state
+    reset for grown weights, ``inner`` on the kept weights' gradients, updates landing inactive weights on 0.
+    A step with NaN/Inf in grads or params changes nothing and reports ``info.nonfinite`` (read it with
+    :func:`get_sparse_state`). Clipping and weight decay belong in ``inner`` (they then see the sparse
+    gradient); wrap the whole thing in ``optax.MultiSteps`` for gradient accumulation (the mask schedule then
+    counts real optimizer steps). With data parallelism pass gradients already averaged over devices (e.g.
+    ``lax.pmean``) so every device takes the same mask decision.
+
+    ``masks``: boolean masks from ``algo.init_masks`` (same paths and shapes as params; NNX ``Variable``
+    wrappers are ignored). ``key``: a PRNG key (typed or raw) for the mask updates.
+
+    >>> import jax, jax.numpy as jnp, optax, srigl_jax as sj
+    >>> params = {"Dense_0": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)},
+    ...           "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+    >>> algo = sj.SRigL(sparsity=0.5, distribution="uniform", delta_t=2, t_end=10)
+    >>> masks = algo.init_masks(params, jax.random.key(0))
+    >>> params = algo.init_params(params, masks, jax.random.key(1))
+    >>> tx = sj.sparse_optimizer(optax.sgd(0.1), algo, masks=masks, key=jax.random.key(2))
+    >>> opt_state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> int(sj.get_sparse_state(opt_state).step), sj.get_masks(opt_state)["Dense_0"]["kernel"].sum(axis=0).tolist()
+    (1, [4, 4, 4, 4])
+    """
+    key = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    impl = jax.random.key_impl(key) if typed else None
+    key_data = jax.random.key_data(key) if typed else key
+    inner = optax.with_extra_args_support(inner)
+
+    def step_key(data: jax.Array, step: jax.Array) -> jax.Array:
+        base = jax.random.wrap_key_data(data, impl=impl) if typed else data
+        return jax.random.fold_in(base, step)
+
+    def init_fn(params: PyTree) -> SparseState:
+        init_masks = _masks_like(params, masks)
+        step = jnp.zeros((), jnp.int32)
+        acc = algo.init_grad_accumulator(params) if algo.grad_accumulation_steps > 1 else None
+        info = MaskUpdateInfo(jnp.zeros((), bool), jnp.zeros((), bool), algo.drop_fraction(step))
+        return SparseState(init_masks, step, acc, key_data, info, inner.init(params))
+
+    def update_fn(grads, state: SparseState, params=None, **extra_args):
+        if params is None:
+            raise ValueError("sparse_optimizer needs the params: call tx.update(grads, state, params)")
+        if not isinstance(state, SparseState):
+            raise TypeError(f"sparse_optimizer's update got a {type(state).__name__} state; pass the state that "
+                            "its init returned (search a bigger state with sj.get_sparse_state)")
+        res = sparse_step(algo, inner, params, state.inner_state, state.masks, grads,
+                          step_key(state.key, state.step), state.step, state.grad_acc, skip_nonfinite, **extra_args)
+        new_state = SparseState(res.masks, state.step + 1, res.grad_acc, state.key, res.info, res.inner_state)
+        return res.updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _masks_like(params: PyTree, masks: PyTree) -> PyTree:
+    """``masks`` re-shaped onto ``params``' tree (so NNX Variable wrappers on either side do not matter), after
+    checking that both name the same leaves with the same shapes and that the masks are boolean."""
+    p_leaves, treedef = named_leaves(params)
+    m_leaves, _ = named_leaves(_pure(masks))
+    p_paths, m_paths = [p for p, _ in p_leaves], [p for p, _ in m_leaves]
+    if p_paths != m_paths:
+        missing, extra = sorted(set(p_paths) - set(m_paths)), sorted(set(m_paths) - set(p_paths))
+        raise ValueError(f"masks must name the same leaves as params: params leaves missing from masks: {missing}; "
+                         f"masks leaves not in params: {extra}")
+    for (path, p), (_, m) in zip(p_leaves, m_leaves):
+        if jnp.shape(p) != jnp.shape(m):
+            raise ValueError(f"masks leaf {path!r} has shape {jnp.shape(m)}, params has {jnp.shape(p)}")
+        if jnp.result_type(m) != jnp.bool_:
+            raise TypeError(f"masks must be boolean, leaf {path!r} is {jnp.result_type(m)}")
+    return jax.tree.unflatten(treedef, [jnp.asarray(m) for _, m in m_leaves])
+
+
+def get_sparse_state(opt_state: PyTree) -> SparseState:
+    """The :class:`SparseState` inside any optimizer state (chains, ``MultiSteps``, ``inject_hyperparams``,
+    a Flax ``TrainState``, an ``nnx.Optimizer`` or its ``opt_state``), with NNX wrappers removed.
+
+    Raises if there is none or more than one.
+    """
+    found: list[SparseState] = []
+    tree = getattr(opt_state, "opt_state", opt_state)
+
+    def visit(x: Any) -> bool:
+        if isinstance(x, SparseState):
+            found.append(x)
+            return True
+        return False
+
+    jax.tree.leaves(tree, is_leaf=visit)
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one sparse_optimizer state in the given optimizer state, found "
+                         f"{len(found)}" + ("; was the optimizer built with sj.sparse_optimizer?" if not found else ""))
+    return _pure(found[0])
+
+
+def get_masks(opt_state: PyTree) -> PyTree:
+    """The current masks held by the :func:`sparse_optimizer` state inside ``opt_state`` (see
+    :func:`get_sparse_state`)."""
+    return get_sparse_state(opt_state).masks
 
 
 class SparseApplyResult(NamedTuple):
@@ -88,56 +314,17 @@ def sparse_apply(
     grad_acc: PyTree | None = None,
     skip_nonfinite: bool = True,
 ) -> SparseApplyResult:
-    """One sparse training update, jit-able with a traced ``step``.
+    """One sparse training update with the state threaded by hand (prefer :func:`sparse_optimizer`).
 
-    1. growth gradients: ``grads``, or the window mean if a ``grad_acc`` (from
-       ``algo.init_grad_accumulator``) is given;
-    2. ``algo.update_masks`` (a no-op except on update steps);
-    3. optimizer state of weights not active before and after is reset to 0 (update steps only);
-    4. the optimizer step on the gradient of the weights active before and after the update (so grown
-       weights leave this step at exactly 0 with zero optimizer state), with ``masks=`` passed to the
-       transform (use ``apply_masks()`` in ``tx``).
-    With ``skip_nonfinite`` a step whose grads or params hold NaN/Inf leaves params, masks and optimizer
-    state untouched (``info.nonfinite`` reports it), so one bad batch never poisons the run; a mask update
-    due on such a step is skipped, not retried.
-    With several devices, pass grads already averaged across devices so masks agree everywhere.
+    A thin wrapper over :func:`sparse_step` (the code ``sparse_optimizer`` runs) that applies the updates:
+    ``key`` is this step's key, ``step`` the steps already taken (traced), ``grad_acc`` the growth window
+    from ``algo.init_grad_accumulator`` (required when ``grad_accumulation_steps > 1``), ``tx`` any optax
+    optimizer (an ``apply_masks()`` at its end is allowed, not needed). Returns the new params, optimizer
+    state, masks, window and ``MaskUpdateInfo``.
     """
-    nonfinite = any_nonfinite(grads)
-    if skip_nonfinite:  # checked before any work, so the cond below skips it all
-        info = MaskUpdateInfo(
-            algo.is_update_step(step), nonfinite | any_nonfinite(params), algo.drop_fraction(step)
-        )
-
-    def step_once(_):
-        growth, acc = grads, grad_acc
-        if acc is not None:
-            acc = algo.accumulate_grads(acc, grads, step)
-            growth = algo.averaged_grads(acc)
-        new_params, new_masks, step_info = algo.update_masks_with_info(params, growth, masks, key, step)
-        new_opt_state = lax.cond(
-            step_info.updated,
-            lambda s: reset_optimizer_state(tx, s, masks, new_masks),
-            lambda s: s,
-            opt_state,
-        )
-        # Only weights active before and after see this step's gradient: inactive positions never reach
-        # the optimizer (global-norm clipping sees the sparse gradient), grown weights stay at 0 with zero
-        # optimizer state.
-        opt_grads = jax.tree.map(
-            lambda g, old, new: jnp.where(old & new, g, jnp.zeros((), g.dtype)), grads, masks, new_masks
-        )
-        updates, new_opt_state = tx.update(opt_grads, new_opt_state, new_params, masks=new_masks)
-        return optax.apply_updates(new_params, updates), new_opt_state, new_masks, acc, step_info
-
-    if not skip_nonfinite:
-        new_params, new_opt_state, new_masks, grad_acc, info = step_once(None)
-        info = info._replace(nonfinite=info.nonfinite | nonfinite)
-        return SparseApplyResult(new_params, new_opt_state, new_masks, grad_acc, info)
-
-    def unchanged(_):
-        return params, opt_state, masks, grad_acc
-
-    new_params, new_opt_state, new_masks, grad_acc = lax.cond(
-        info.nonfinite, unchanged, lambda _: step_once(_)[:4], None
-    )
-    return SparseApplyResult(new_params, new_opt_state, new_masks, grad_acc, info)
+    res = sparse_step(algo, optax.with_extra_args_support(tx), params, opt_state, masks, grads, key,
+                      jnp.asarray(step, jnp.int32), grad_acc, skip_nonfinite)
+    new_params = optax.apply_updates(params, res.updates)
+    if skip_nonfinite:  # exactly the old params (x + 0 would turn -0.0 into 0.0)
+        new_params = jax.tree.map(lambda old, new: jnp.where(res.info.nonfinite, old, new), params, new_params)
+    return SparseApplyResult(new_params, res.inner_state, res.masks, res.grad_acc, res.info)

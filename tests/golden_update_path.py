@@ -108,6 +108,26 @@ def run_sparse_apply(name: str) -> dict[str, np.ndarray]:
     return out
 
 
+def run_sparse_optimizer(name: str) -> dict[str, np.ndarray]:
+    """The same scenario through ``sj.sparse_optimizer`` with a plain optax loop (step t's key is
+    ``fold_in(key, t)`` inside the transformation, as ``mask_key`` gives ``sparse_apply``)."""
+    algo, params, masks = initial_state(name)
+    tx = sj.sparse_optimizer(inner_optimizer(), algo, masks=masks, key=jax.random.key(11))
+    opt_state = tx.init(params)
+    out = record({}, "init", params, sj.get_masks(opt_state))
+
+    @jax.jit
+    def step_fn(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for step in range(STEPS):
+        params, opt_state = step_fn(params, opt_state, synthetic_grads(step, name in TIES))
+        record(out, f"step{step}", params, sj.get_masks(opt_state))
+        out[f"step{step}/nonfinite"] = np.asarray(sj.get_sparse_state(opt_state).info.nonfinite)
+    return out
+
+
 def record(out: dict, prefix: str, params: Any, masks: Any) -> dict:
     for kind, tree in (("params", params), ("masks", masks)):
         for path, leaf in sj.paths.named_leaves(tree)[0]:

@@ -31,6 +31,12 @@ def test_sparse_apply_matches_golden(expected, name):
     assert_bitwise_equal(out, expected, name)
 
 
+@pytest.mark.parametrize("name", sorted(golden.SCENARIOS))
+def test_sparse_optimizer_matches_golden(expected, name):
+    out = golden.run_sparse_optimizer(name)
+    assert_bitwise_equal(out, expected, name)
+
+
 def test_golden_scenarios_exercise_the_rules(expected):
     """The golden file is only worth something if its scenarios do what they claim: masks change at update
     steps, ablation removes neurons, the non-finite step changes nothing."""
