@@ -67,19 +67,22 @@ def reset_optimizer_state(
     both ``old_masks`` and ``new_masks``: newly grown weights start with fresh state.
 
     Works for any optax optimizer (chains, ``inject_hyperparams``, ...) through
-    ``optax.tree_map_params``; non-parameter state (counts, hyperparameters) is untouched. An
-    ``nnx.Optimizer``'s ``opt_state`` (``OptVariable``-wrapped) is accepted and returned as plain arrays
-    (write it back with ``nnx.update(optimizer.opt_state, nnx.state(new_state))``).
+    ``optax.tree_map_params``; non-parameter state (counts, hyperparameters) is untouched. Flax NNX
+    ``Variable`` wrappers on either side (an ``nnx.Optimizer``'s ``OptVariable`` state, ``nnx.State`` masks)
+    do not matter: the result has the structure of ``opt_state`` (write an ``nnx.Optimizer``'s back with
+    ``nnx.update(optimizer.opt_state, nnx.state(new_state))``).
     """
-    opt_state, old_masks, new_masks = _pure(opt_state), _pure(old_masks), _pure(new_masks)
-    kept = jax.tree.map(jnp.logical_and, old_masks, new_masks)
+    pure_state = _pure(opt_state)
+    kept = jax.tree.map(jnp.logical_and, _pure(old_masks), _pure(new_masks))
 
     def reset(state_leaf, kept_leaf):
         if not hasattr(state_leaf, "shape") or state_leaf.shape != kept_leaf.shape:
             return state_leaf  # e.g. optax.MaskedNode or a factored statistic
         return jnp.where(kept_leaf, state_leaf, jnp.zeros((), state_leaf.dtype))
 
-    return optax.tree_map_params(tx, reset, opt_state, kept, transform_non_params=lambda x: x)
+    new_state = optax.tree_map_params(tx, reset, pure_state, kept, transform_non_params=lambda x: x)
+    # Unwrapping replaced each Variable by its one value leaf, so the leaves line up with opt_state's tree.
+    return jax.tree.unflatten(jax.tree.structure(opt_state), jax.tree.leaves(new_state))
 
 
 class SparseStepResult(NamedTuple):

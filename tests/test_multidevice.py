@@ -85,21 +85,27 @@ def _worker_main(out_path: str) -> None:
     # random_tie_break: the mask key matters, so a device-dependent key would show up as diverging replicas
     algo = sj.SRigL(sparsity=0.8, distribution="uniform", delta_t=DELTA_T, t_end=T_END, alpha=0.4, gamma_sal=0.3,
                     random_tie_break=True)
-    tx = optax.chain(optax.sgd(0.1, momentum=0.9), sj.apply_masks())
+    inner = optax.sgd(0.1, momentum=0.9)
     mesh = steps.make_mesh()
 
-    @functools.partial(jax.jit, static_argnums=0)   # one compiled program instead of many eager ops
-    def initial_state(dtype):
-        variables = MLP().init(jax.random.key(1), jnp.zeros((1, IN_FEATURES), dtype))
-        variables = jax.tree.map(lambda v: v.astype(dtype), variables)
+    @functools.lru_cache(maxsize=None)
+    def initial_setup(dtype):
+        """(initial TrainState, sparse optimizer) shared by every run of ``dtype``."""
+        init = jax.jit(lambda k: MLP().init(k, jnp.zeros((1, IN_FEATURES), dtype)))   # one program, not many ops
+        variables = jax.tree.map(lambda v: v.astype(dtype), init(jax.random.key(1)))
         model_state = {k: v for k, v in variables.items() if k != "params"}
-        return steps.init_train_state(algo, tx, variables["params"], model_state, jax.random.key(2))
+        params, tx = steps.init_sparse_training(algo, inner, variables["params"], jax.random.key(2))
+        return steps.init_train_state(tx, params, model_state, jax.random.key(3)), tx
+
+    def initial_state(dtype):
+        return initial_setup(dtype)[0]
 
     def run(mode, bn_axis=None, dtype=f64):
         """Train N_STEPS from the shared initial state; final state (pmap: with its device axis), metrics, counts."""
         model = MLP(bn_axis)
-        state = steps.put_state(initial_state(dtype), mode, mesh)
-        step_fn = steps.make_train_step(loss_for(model), algo, tx, mode, mesh)
+        state, tx = initial_setup(dtype)
+        state = steps.put_state(state, mode, mesh)
+        step_fn = steps.make_train_step(loss_for(model), tx, mode, mesh)
         compiles = []
         listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
         trace_count[0] = 0
@@ -148,6 +154,7 @@ def _worker_main(out_path: str) -> None:
     if os.environ.get("SRIGL_FLOAT32_FLIPS"):   # informational, off by default to save test time
         timed("float32_mask_flips", _float32_mask_flips, run, jnp.float32)
     timed("averaging", _averaging_scenario, jax, jnp, optax, sj, steps)
+    timed("sharded_kernels", _sharded_kernels_scenario, jax, jnp, optax, sj, steps)
     results["uneven_batch_errors"] = {}
     for mode in ("pmap", "sharded"):
         try:
@@ -186,20 +193,21 @@ def _averaging_scenario(jax, jnp, optax, sj, steps) -> dict:
     """Masks after one update step where every device's gradient differs (pmap, sharded, and references)."""
     # sparsity 0.65: budget T = floor(12 * 0.35) = 4; d(1) ~ 0.6 -> the update drops floor(4 * 0.6) = 2
     algo = sj.SRigL(sparsity=0.65, distribution="uniform", delta_t=1, t_end=100, alpha=0.6, gamma_sal=0.3)
-    tx = optax.chain(optax.sgd(0.0), sj.apply_masks())   # lr 0: the weights stay as set
     kernel = np.zeros((12, 1))
     kernel[:4, 0] = [1.0, -2.0, 3.0, -4.0]
     params = {"head": {"kernel": jnp.asarray(kernel)}}
     masks = {"head": {"kernel": jnp.asarray(kernel != 0)}}
+    inner = optax.sgd(0.0)   # lr 0: the weights stay as set
+    tx = sj.sparse_optimizer(inner, algo, masks=masks, key=jax.random.key(0))
 
     def loss_fn(p, model_state, batch, rng):
         per_example = jnp.einsum("bf,fn->bn", batch["image"], p["head"]["kernel"])
         return jnp.mean(jnp.sum(per_example, axis=-1)), (model_state, per_example)
 
-    def state():
-        return steps.TrainState(step=jnp.asarray(1, jnp.int32), params=params, opt_state=tx.init(params),
-                                masks=masks, grad_acc=steps.init_grad_acc(algo, params), itop=masks, model_state={},
-                                rng=jax.random.key(0))
+    def state():   # at step 1, an update step (delta_t = 1)
+        opt_state = tx.init(params)._replace(step=jnp.asarray(1, jnp.int32))
+        return steps.TrainState(step=jnp.asarray(1, jnp.int32), params=params, opt_state=opt_state, itop=masks,
+                                model_state={}, rng=jax.random.key(0))
 
     # two examples per device, both equal to that device's target gradient
     images = np.repeat(AVG_DEVICE_GRADS, 2, axis=0)
@@ -207,7 +215,7 @@ def _averaging_scenario(jax, jnp, optax, sj, steps) -> dict:
     out = {}
     mesh = steps.make_mesh()
     for mode in ("pmap", "sharded"):
-        step_fn = steps.make_train_step(loss_fn, algo, tx, mode, mesh)
+        step_fn = steps.make_train_step(loss_fn, tx, mode, mesh)
         new, metrics = step_fn(steps.put_state(state(), mode, mesh), steps.shard_batch(batch, mode, mesh))
         new = steps.get_state(new, mode)
         out[mode] = {"masks": np.asarray(new.masks["head"]["kernel"]), "updated": bool(metrics["updated"])}
@@ -216,14 +224,49 @@ def _averaging_scenario(jax, jnp, optax, sj, steps) -> dict:
     def reference(grad):   # single-device core update with a given gradient
         g = {"head": {"kernel": jnp.asarray(grad)[:, None]}}
         s = state()
-        res = sj.sparse_apply(algo, tx, s.params, s.opt_state, s.masks, g, jax.random.key(0), s.step,
-                              grad_acc=s.grad_acc)
+        res = sj.sparse_apply(algo, inner, s.params, inner.init(s.params), masks, g, jax.random.key(0), s.step)
         return res.masks["head"]["kernel"][:, 0]
 
     out["ref_mean"] = np.asarray(reference(AVG_DEVICE_GRADS.mean(0)))
     out["ref_device0"] = np.asarray(reference(AVG_DEVICE_GRADS[0]))
     out["ref_mean_abs"] = np.asarray(reference(np.abs(AVG_DEVICE_GRADS).mean(0)))
     return out
+
+
+def _sharded_kernels_scenario(jax, jnp, optax, sj, steps) -> dict:
+    """The sparse optimizer under plain ``jit`` with the kernels themselves sharded over the 4 devices (columns
+    of one, rows of the other) against the same loop unsharded: nothing in the user's code changes."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(5)
+    params = {"fc1": {"kernel": jnp.asarray(rng.normal(size=(IN_FEATURES, 48))), "bias": jnp.zeros(48)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(48, 10))), "bias": jnp.zeros(10)}}
+    algo = sj.SRigL(sparsity=0.8, distribution="uniform", delta_t=2, t_end=7, gamma_sal=0.3, random_tie_break=True)
+    masks = algo.init_masks(params, jax.random.key(0))
+    params = algo.init_params(params, masks, jax.random.key(1))
+    grads = [jax.tree.map(lambda p, i=i: jnp.asarray(np.random.default_rng(i).normal(size=p.shape)), params)
+             for i in range(7)]
+    mesh = steps.make_mesh()
+    specs = {"fc1": {"kernel": P(None, "batch"), "bias": P("batch")}, "head": {"kernel": P("batch", None), "bias": P()}}
+
+    def run(shard):
+        tx = sj.sparse_optimizer(optax.adam(1e-2), algo, masks=masks, key=jax.random.key(2))
+        place = (lambda t: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, specs)) \
+            if shard else (lambda t: t)
+        p = place(params)
+        state = tx.init(p)
+
+        @jax.jit
+        def step(p, state, g):
+            updates, state = tx.update(g, state, p)
+            return optax.apply_updates(p, updates), state
+
+        for g in grads:
+            p, state = step(p, state, place(g))
+        shardings = [str(getattr(x.sharding, "spec", "")) for x in jax.tree.leaves(p)]
+        return jax.device_get((p, sj.get_masks(state))), shardings, int(sj.get_sparse_state(state).step)
+
+    return {"unsharded": run(False), "sharded": run(True), "initial_masks": jax.device_get(masks)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -333,6 +376,18 @@ def test_eval_sums_match_single_device(results, name):
     assert float(got["count"]) == 30.0 and float(got["correct"]) == float(want["correct"])
     # The eval loss is a float32 sum whose reduction order differs across devices: 1 ulp apart is expected.
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-6)
+
+
+def test_sparse_optimizer_with_sharded_kernels_matches_unsharded(results):
+    (params, masks), shardings, step = results["sharded_kernels"]["sharded"]
+    (want_params, want_masks), _, _ = results["sharded_kernels"]["unsharded"]
+    assert step == 7 and any("batch" in s for s in shardings)   # the kernels really stayed sharded
+    for a, b in zip(_leaves(masks), _leaves(want_masks), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_leaves(params), _leaves(want_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # mask updates at steps 2, 4, 6 really changed the masks
+    assert any(np.any(a != b) for a, b in zip(_leaves(masks), _leaves(results["sharded_kernels"]["initial_masks"])))
 
 
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])

@@ -133,7 +133,7 @@ def test_sparse_apply_skips_nonfinite_steps():
     grads = mse_grads(params, 0)
     grads["Dense_1"]["kernel"] = jnp.full_like(grads["Dense_1"]["kernel"], jnp.nan)
     res = sj.sparse_apply(algo, tx, params, state, masks, grads, key, jnp.int32(1))
-    assert bool(res.info.nonfinite) and bool(res.info.updated)
+    assert bool(res.info.nonfinite) and not bool(res.info.updated)   # a skipped step updated nothing
     jax.tree.map(np.testing.assert_array_equal, (res.params, res.masks, res.opt_state), (params, masks, state))
     # Without skipping, the NaN reaches the params but masks remain valid constant-fan-in masks.
     res = sj.sparse_apply(algo, tx, params, state, masks, grads, key, jnp.int32(1), skip_nonfinite=False)

@@ -29,7 +29,7 @@ class TinyMLP(nn.Module):
 MODEL = TinyMLP()
 ALGO = sj.SRigL(sparsity=0.5, distribution="uniform", delta_t=DELTA_T, t_end=100, alpha=0.3, gamma_sal=0.3,
                 grad_accumulation_steps=2)
-TX = optax.chain(optax.sgd(0.1, momentum=0.9), sj.apply_masks())
+INNER = optax.sgd(0.1, momentum=0.9)
 TRACES = {"loss_fn": 0}
 
 
@@ -54,15 +54,23 @@ def make_batch(seed: int, n: int = 16) -> dict:
 
 
 @functools.lru_cache(maxsize=None)   # never donated: every use goes through put_state (a copy) or stays eager
-def fresh_state(seed: int = 0) -> steps.TrainState:
+def fresh_setup(seed: int = 0) -> tuple[steps.TrainState, optax.GradientTransformation]:
     params = MODEL.init(jax.random.key(seed), jnp.zeros((1, 8)))["params"]
-    return steps.init_train_state(ALGO, TX, params, None, jax.random.key(seed + 1))
+    params, tx = steps.init_sparse_training(ALGO, INNER, params, jax.random.key(seed + 1))
+    return steps.init_train_state(tx, params, None, jax.random.key(seed + 2)), tx
+
+
+def fresh_state(seed: int = 0) -> steps.TrainState:
+    return fresh_setup(seed)[0]
+
+
+TX = fresh_setup()[1]
 
 
 @pytest.fixture(scope="module")
 def step_fn():
     TRACES["loss_fn"] = 0
-    return steps.make_train_step(counted_loss_fn, ALGO, TX, "single")
+    return steps.make_train_step(counted_loss_fn, TX, "single")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +86,7 @@ def trained(step_fn):
 
 
 def test_init_train_state():
-    params = MODEL.init(jax.random.key(0), jnp.zeros((1, 8)))["params"]
-    state = steps.init_train_state(ALGO, TX, params, None, jax.random.key(1))
+    state = fresh_state()
     assert state.step.dtype == jnp.int32 and int(state.step) == 0
     assert state.model_state == {}
     kernel, mask = np.asarray(state.params["fc1"]["kernel"]), np.asarray(state.masks["fc1"]["kernel"])
@@ -88,10 +95,11 @@ def test_init_train_state():
     assert len(set(mask.sum(axis=0).tolist())) == 1          # SRigL: constant fan-in
     for ever, now in zip(jax.tree.leaves(state.itop), jax.tree.leaves(state.masks)):
         np.testing.assert_array_equal(ever, now)
-    for acc, p in zip(jax.tree.leaves(state.grad_acc), jax.tree.leaves(state.params)):
+    sparse = sj.get_sparse_state(state.opt_state)   # the growth window is there because ALGO asks for 2 steps
+    for acc, p in zip(jax.tree.leaves(sparse.grad_acc), jax.tree.leaves(state.params)):
         assert acc.shape == p.shape and not np.any(acc)
-    assert steps.init_grad_acc(sj.SRigL(sparsity=0.5, t_end=10), params) is None
-    again = steps.init_train_state(ALGO, TX, params, None, jax.random.key(1))   # deterministic given the key
+    fresh_setup.cache_clear()
+    again = fresh_state()   # deterministic given the keys
     for a, b in zip(jax.tree.leaves((state.params, state.masks)), jax.tree.leaves((again.params, again.masks))):
         np.testing.assert_array_equal(a, b)
 
@@ -145,15 +153,13 @@ def test_nonfinite_batch_leaves_state_untouched(trained, step_fn, extra_steps):
         np.testing.assert_array_equal(a, b)
 
 
-def test_step_keys_depend_on_rng_and_step_only():
+def test_forward_key_depends_on_rng_and_step_only():
     state = fresh_state()
-    k0 = steps.step_keys(state)
-    same = steps.step_keys(state.replace(params=None))
-    later = steps.step_keys(state.replace(step=state.step + 1))
-    for a, b in zip(k0, same):
-        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
-    for a, b in zip(k0, later):
-        assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    k0 = steps.forward_key(state)
+    same = steps.forward_key(state.replace(params=None))
+    later = steps.forward_key(state.replace(step=state.step + 1))
+    np.testing.assert_array_equal(jax.random.key_data(k0), jax.random.key_data(same))
+    assert not np.array_equal(jax.random.key_data(k0), jax.random.key_data(later))
 
 
 def test_eval_step_sums_and_padding(trained):
@@ -193,9 +199,9 @@ def test_put_state_does_not_alias_leaves():
 
 def test_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
-        steps.make_train_step(loss_fn, ALGO, TX, "tpu")
+        steps.make_train_step(loss_fn, TX, "tpu")
     with pytest.raises(ValueError, match="do not include the batch axis"):
-        steps.make_train_step(loss_fn, ALGO, TX, "sharded", mesh=steps.make_mesh("data"))
+        steps.make_train_step(loss_fn, TX, "sharded", mesh=steps.make_mesh("data"))
     with pytest.raises(ValueError, match="leading"):
         steps.shard_batch({"image": np.zeros((4, 2)), "label": np.zeros(3)}, "single")
     eval_fn = steps.make_eval_step(apply_fn, "single")

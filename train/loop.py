@@ -20,8 +20,8 @@ from train import report
 from train.checkpoint import Checkpointer, config_fingerprint
 from train.configs import Config, resolve_steps
 from train.models import ModelSpec, build_model, init_variables
-from train.steps import TrainState, get_state, init_train_state, make_eval_step, make_train_step, put_state, \
-    shard_batch
+from train.steps import TrainState, get_state, init_sparse_training, init_train_state, make_eval_step, \
+    make_train_step, put_state, shard_batch
 
 
 class NonFiniteError(RuntimeError):
@@ -89,7 +89,8 @@ def make_lr_schedule(cfg: Config, steps_per_epoch: int, total_steps: int) -> opt
 
 
 def make_optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD+momentum with L2 weight decay, or AdamW; always ending in ``sj.apply_masks()``."""
+    """The inner optimizer of the sparse one: optional global-norm clipping, then SGD+momentum with L2 weight
+    decay, or AdamW (``sj.sparse_optimizer`` masks its gradients and updates)."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
     if cfg.optimizer == "sgd":
         if cfg.weight_decay:
@@ -99,7 +100,7 @@ def make_optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTrans
         parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
-    return optax.chain(*parts, sj.apply_masks())
+    return optax.chain(*parts)
 
 
 def make_model_fns(model: nn.Module, label_smoothing: float) -> tuple[Callable, Callable]:
@@ -179,9 +180,9 @@ def build_run(cfg: Config) -> RunSetup:
     model_state = {k: v for k, v in variables.items() if k != "params"}
     algo = make_algo(cfg, spec, total_steps, params)
     schedule = make_lr_schedule(cfg, iterator.batches_per_epoch, total_steps)
-    tx = make_optimizer(cfg, schedule)
+    params, tx = init_sparse_training(algo, make_optimizer(cfg, schedule), params, state_key)
     loss_fn, apply_fn = make_model_fns(model, cfg.label_smoothing)
-    state = jax.jit(lambda p, ms, k: init_train_state(algo, tx, p, ms, k))(params, model_state, state_key)
+    state = init_train_state(tx, params, model_state, jax.random.fold_in(state_key, 1))
     return RunSetup(bundle, spec, iterator, total_steps, algo, schedule, tx, loss_fn, apply_fn,
                     algo.layer_plans(params), state)
 
@@ -209,7 +210,7 @@ def train(cfg: Config) -> RunResult:
     log = report.MetricsLog(workdir / "metrics.jsonl", resume_step)
 
     state = put_state(state, cfg.mode)
-    step_fn = make_train_step(run.loss_fn, algo, tx, mode=cfg.mode)
+    step_fn = make_train_step(run.loss_fn, tx, mode=cfg.mode)
     eval_fn = make_eval_step(run.apply_fn, mode=cfg.mode)
     metrics_fn = jax.jit(lambda masks, itop: {**sj.sparsity_metrics(masks, plans),
                                               "itop_rate": sj.itop_rate(itop, plans)})

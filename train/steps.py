@@ -1,8 +1,9 @@
 """Train and eval steps for SRigL: one step body shared by single-device, ``pmap`` and jit+NamedSharding runs.
 
-Data parallelism and masks: every device must hold the same masks, so the growth gradients are averaged over
-devices *before* ``srigl_jax.sparse_apply`` scores them, and the mask-update key comes from ``(state.rng,
-state.step)`` only (never from the device index). Modes:
+Sparse training is the optimizer: ``tx`` is a ``srigl_jax.sparse_optimizer``, whose state holds the masks. Data
+parallelism and masks: every device must hold the same masks, so the gradients are averaged over devices
+*before* ``tx.update`` scores them, and the mask-update key lives in the replicated optimizer state (never
+derived from the device index). Modes:
 
 - ``"single"``: ``jax.jit`` on one device; the batch is the global batch.
 - ``"pmap"``: ``jax.pmap`` over the local devices; the state is replicated (leading device axis), the batch is
@@ -41,49 +42,56 @@ ApplyFn = Callable[[Any, Any, Batch], jax.Array]
 class TrainState:
     """Everything a sparse training step reads and writes; a pytree, so it can be jitted, replicated, saved.
 
-    ``step`` counts the optimizer steps already taken (int32 scalar); ``grad_acc`` is the growth-gradient
-    accumulator of ``srigl_jax.sparse_apply`` (None when the algorithm does not accumulate); ``itop`` marks the
+    ``step`` counts the optimizer steps already taken (int32 scalar); ``opt_state`` is the state of the
+    ``srigl_jax.sparse_optimizer`` (masks, its own step count, growth-gradient window, mask-update key, last
+    ``MaskUpdateInfo``, the inner optimizer's state: read them with ``sj.get_sparse_state``); ``itop`` marks the
     positions ever active; ``model_state`` holds non-trained collections (e.g. ``{"batch_stats": ...}``, ``{}``
-    if none); ``rng`` is the base key from which every step's key is derived by ``fold_in(rng, step)``.
+    if none); ``rng`` is the base key of the forward pass (dropout): step t uses ``fold_in(rng, t)``.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
-    masks: Any
-    grad_acc: Any
     itop: Any
     model_state: Any
     rng: jax.Array
 
+    @property
+    def masks(self) -> Any:
+        """The current masks (held by the sparse optimizer's state)."""
+        return sj.get_masks(self.opt_state)
 
-def init_train_state(algo: Any, tx: optax.GradientTransformation, params: Any, model_state: Any,
+
+def init_sparse_training(algo: Any, inner: optax.GradientTransformation, params: Any,
+                         key: jax.Array) -> tuple[Any, optax.GradientTransformationExtraArgs]:
+    """(sparse-initialised params, ``sj.sparse_optimizer(inner, algo, ...)``) for dense initial ``params``.
+
+    Masks come from ``algo.init_masks``, weights from ``algo.init_params`` (both compiled: op-by-op they would
+    compile every layer separately); the optimizer gets the masks and its own mask-update key.
+    """
+    mask_key, param_key, opt_key = jax.random.split(key, 3)
+    masks = jax.jit(algo.init_masks)(params, mask_key)
+    params = jax.jit(algo.init_params)(params, masks, param_key)
+    return params, sj.sparse_optimizer(inner, algo, masks=masks, key=opt_key)
+
+
+def init_train_state(tx: optax.GradientTransformation, params: Any, model_state: Any,
                      key: jax.Array) -> TrainState:
-    """Initial masks (``algo.init_masks``), sparse-aware params, optimizer state, ITOP and accumulator."""
-    mask_key, param_key, train_key = jax.random.split(key, 3)
-    masks = algo.init_masks(params, mask_key)
-    params = algo.init_params(params, masks, param_key)
+    """Step 0: ``tx.init(params)`` (for a sparse optimizer this holds the initial masks), ITOP = initial masks."""
+    opt_state = tx.init(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
-        masks=masks,
-        grad_acc=init_grad_acc(algo, params),
-        itop=sj.init_itop(masks),
+        opt_state=opt_state,
+        itop=sj.init_itop(sj.get_masks(opt_state)),
         model_state={} if model_state is None else model_state,
-        rng=train_key,
+        rng=key,
     )
 
 
-def init_grad_acc(algo: Any, params: Any) -> Any:
-    """The growth-gradient accumulator, or None when growth uses the current step's gradient only."""
-    return algo.init_grad_accumulator(params) if algo.grad_accumulation_steps > 1 else None
-
-
-def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
-    """(forward key, mask-update key) for ``state.step``: a function of ``(rng, step)`` only, same on every device."""
-    forward_key, mask_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    return forward_key, mask_key
+def forward_key(state: TrainState) -> jax.Array:
+    """The forward-pass (dropout) key of ``state.step``: a function of ``(rng, step)`` only."""
+    return jax.random.fold_in(state.rng, state.step)
 
 
 def _pmean_floats(tree: Any, axis_name: str) -> Any:
@@ -98,37 +106,35 @@ def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
                          f"(logits {logits.shape}), got shape {labels.shape}")
 
 
-def _train_step_body(state: TrainState, batch: Batch, *, loss_fn: LossFn, algo: Any,
-                     tx: optax.GradientTransformation, axis_name: str | None) -> tuple[TrainState, dict]:
+def _train_step_body(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: optax.GradientTransformation,
+                     axis_name: str | None) -> tuple[TrainState, dict]:
     """The one training step every mode runs. ``axis_name`` is set only under ``pmap`` (explicit averaging)."""
-    forward_key, mask_key = step_keys(state)
+    key = forward_key(state)
     if axis_name is not None:
-        # Stochastic layers (dropout) must differ between devices, which see different examples; the
-        # mask key stays device independent so all replicas take the same mask decision.
-        forward_key = jax.random.fold_in(forward_key, lax.axis_index(axis_name))
+        # Stochastic layers (dropout) must differ between devices, which see different examples. The mask-update
+        # key lives in the (replicated) optimizer state, so every replica takes the same mask decision.
+        key = jax.random.fold_in(key, lax.axis_index(axis_name))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (model_state, logits)), grads = grad_fn(state.params, state.model_state, batch, forward_key)
+    (loss, (model_state, logits)), grads = grad_fn(state.params, state.model_state, batch, key)
     _check_labels(logits, batch["label"])
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32))
     if axis_name is not None:
         # Average before scoring: growth scores and therefore masks must be identical on every device.
         grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
         model_state = _pmean_floats(model_state, axis_name)
-    res = sj.sparse_apply(algo, tx, state.params, state.opt_state, state.masks, grads, mask_key, state.step,
-                          grad_acc=state.grad_acc)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    info = sj.get_sparse_state(opt_state).info
     # A skipped (NaN/Inf) step must not leak into BatchNorm statistics either.
-    model_state = jax.tree.map(lambda old, new: jnp.where(res.info.nonfinite, old, new), state.model_state,
+    model_state = jax.tree.map(lambda old, new: jnp.where(info.nonfinite, old, new), state.model_state,
                                model_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=res.params,
-        opt_state=res.opt_state,
-        masks=res.masks,
-        grad_acc=res.grad_acc,
-        itop=sj.update_itop(state.itop, res.masks),
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        itop=sj.update_itop(state.itop, sj.get_masks(opt_state)),
         model_state=model_state,
     )
-    metrics = {"loss": loss, "accuracy": accuracy, "nonfinite": res.info.nonfinite, "updated": res.info.updated & ~res.info.nonfinite}
+    metrics = {"loss": loss, "accuracy": accuracy, "nonfinite": info.nonfinite, "updated": info.updated}
     return new_state, metrics
 
 
@@ -155,7 +161,7 @@ def _first_replica(tree: Any) -> Any:
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def make_train_step(loss_fn: LossFn, algo: Any, tx: optax.GradientTransformation, mode: Mode = "single",
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mode: Mode = "single",
                     mesh: Mesh | None = None, axis_name: str = "batch",
                     donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Compiled ``step_fn(state, batch) -> (state, metrics)`` for ``mode``.
@@ -169,7 +175,7 @@ def make_train_step(loss_fn: LossFn, algo: Any, tx: optax.GradientTransformation
     """
     _check_mode(mode)
     donate_argnums = (0,) if donate else ()
-    body = functools.partial(_train_step_body, loss_fn=loss_fn, algo=algo, tx=tx,
+    body = functools.partial(_train_step_body, loss_fn=loss_fn, tx=tx,
                              axis_name=axis_name if mode == "pmap" else None)
     if mode == "single":
         return jax.jit(body, donate_argnums=donate_argnums)
