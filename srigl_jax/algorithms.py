@@ -15,7 +15,7 @@ from jax import lax
 from srigl_jax import layer_updates as lu
 from srigl_jax import schedule
 from srigl_jax.paths import named_leaves
-from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, LayerPlan, build_plans
+from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, DISTRIBUTIONS, LayerPlan, build_plans
 from srigl_jax.selection import magnitude_score, perturb_ties
 
 PyTree = Any
@@ -37,15 +37,19 @@ class DynamicSparsity:
 
     Args:
       sparsity: global target sparsity S in [0, 1), or a ``{path: S}`` dict (unlisted layers dense).
-      distribution: "erk" or "uniform" (ignored for a dict).
+      distribution: "erk", "uniform" (one global budget, forced-dense layers included) or "uniform_sparse"
+        (exactly ``sparsity`` on every layer not forced dense); ignored for a dict.
       delta_t: steps between mask updates.
       t_end: no mask updates at or after this step (75% of training in the paper).
       alpha: initial drop fraction of the cosine schedule.
       grad_accumulation_steps: growth scores use the mean gradient of this many steps before an update.
       sparse_pattern: regex selecting sparse-candidate leaves (those with ndim >= 2).
       dense_paths: regexes of candidates kept dense (default: attention in-projections).
-      dense_first_layer: keep the first candidate (natural path order) dense.
-      ablation_exempt: regexes of layers never ablated; None = the classifier (last candidate).
+      dense_first_layer: keep the network's first layer dense: True finds it by position (a flat model's
+        first conv else first kernel, or the single top-level conv beside nested blocks; otherwise an error
+        asks for a path), a string is a regex of the layer(s) to keep dense.
+      ablation_exempt: regexes of layers never ablated; None = the classifier, found by position (a flat
+        model's last 2-D kernel, or the single top-level 2-D kernel beside nested blocks; else an error).
       init: "sparse_he" (std sqrt(2/k)), "reference_2_over_k" (the released code's std 2/k) or "keep".
       random_tie_break: break score ties with a seeded tiny perturbation instead of lower index first.
     """
@@ -58,7 +62,7 @@ class DynamicSparsity:
     grad_accumulation_steps: int = 1
     sparse_pattern: str = DEFAULT_SPARSE_PATTERN
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS
-    dense_first_layer: bool = False
+    dense_first_layer: bool | str = False
     ablation_exempt: Sequence[str] | None = None
     init: str = "sparse_he"
     random_tie_break: bool = False
@@ -72,8 +76,8 @@ class DynamicSparsity:
                 0.0 <= float(self.sparsity) < 1.0
             ):
                 raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
-        if self.distribution not in ("erk", "uniform"):
-            raise ValueError(f"distribution must be 'erk' or 'uniform', got {self.distribution!r}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         if not (isinstance(self.delta_t, int) and self.delta_t >= 1):
             raise ValueError(f"delta_t must be an int >= 1, got {self.delta_t!r}")
         if not (isinstance(self.t_end, int) and self.t_end >= 0):

@@ -18,6 +18,7 @@ from srigl_jax.paths import matches_any, named_leaves, natural_key
 DEFAULT_SPARSE_PATTERN = r"(^|/)kernel$"
 # Attention in-projections stay dense by default (as in the paper's ViT runs).
 DEFAULT_DENSE_PATHS: tuple[str, ...] = (r"(^|/)(query|key|value)/kernel$",)
+DISTRIBUTIONS: tuple[str, ...] = ("erk", "uniform", "uniform_sparse")
 # Guards floor(numel * density) against 0.1 * 100 = 9.999999999999998.
 _FLOOR_EPS = 1e-6
 
@@ -72,12 +73,12 @@ def sparse_candidates(
     *,
     sparse_pattern: str = DEFAULT_SPARSE_PATTERN,
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS,
-    dense_first_layer: bool = False,
+    dense_first_layer: bool | str = False,
 ) -> tuple[list[tuple[str, tuple[int, ...]]], set[str]]:
     """Candidate (path, shape) pairs in natural path order, and the subset forced dense.
 
-    ``dense_first_layer`` picks the first top-level (``"name/kernel"``) conv kernel (the stem or patch
-    embedding), else the first top-level kernel, in natural path order.
+    ``dense_first_layer``: a regex (every candidate it matches is kept dense; it must match one), or True for
+    the network's first layer as found by :func:`first_layer`.
     """
     candidates = []
     for path, leaf in named_leaves(params)[0]:
@@ -91,22 +92,63 @@ def sparse_candidates(
         )
     candidates.sort(key=lambda c: natural_key(c[0]))
     forced_dense = {p for p, _ in candidates if matches_any(p, dense_paths)}
-    if dense_first_layer:
-        top = _top_level(candidates)
-        forced_dense.add(([c for c in top if len(c[1]) >= 3] or top)[0][0])
+    if isinstance(dense_first_layer, str):
+        chosen = {p for p, _ in candidates if re.search(dense_first_layer, p)}
+        if not chosen:
+            raise ValueError(f"dense_first_layer={dense_first_layer!r} matches no sparse candidate; candidates: "
+                             f"{[p for p, _ in candidates]}")
+        forced_dense |= chosen
+    elif dense_first_layer:
+        forced_dense.add(first_layer(candidates))
     return candidates, forced_dense
 
 
-def _top_level(candidates: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
-    """Candidates owned by a top-level module ("Dense_0/kernel", "head/kernel"), else all of them: nested
-    ones ("block3/conv1/kernel") are never the network's first layer or its classifier."""
-    return [c for c in candidates if c[0].count("/") == 1] or candidates
+def _module_depths(candidates: list[tuple[str, tuple[int, ...]]]) -> list[int]:
+    """How many modules deep each candidate's owner sits below the modules all candidates share: 1 for
+    "Dense_0/kernel" (also under a common "params/" or "encoder/" wrapper), 2 for "block3/conv1/kernel"."""
+    parts = [c[0].split("/")[:-1] for c in candidates]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return [len(p) - common for p in parts]
+
+
+def _by_position(candidates: list[tuple[str, tuple[int, ...]]], which: str, want_conv: bool) -> str:
+    """The first (or last) layer of the network: unambiguous from the paths alone only for a flat model (every
+    kernel owned by one module level, e.g. "Dense_0".."Dense_3" or "Conv_0", "Dense_0"), where auto-names
+    and natural order give the call order, or beside nested blocks when exactly one top-level kernel is of
+    the wanted kind (a stem conv / patch embedding, or a 2-D classifier), or those are auto-named modules of
+    one type (their counter is their call order)."""
+    depths = _module_depths(candidates)
+    top = [c for c, d in zip(candidates, depths) if d <= 1]
+    kind = [c for c in top if (len(c[1]) >= 3) == want_conv]
+    if len(top) == len(candidates):   # flat: natural order is network order
+        pool = kind or top
+        return (pool[0] if which == "first" else pool[-1])[0]
+    if len(kind) == 1:
+        return kind[0][0]
+    names = [re.fullmatch(r"([A-Za-z]\w*?)_(\d+)", c[0].split("/")[-2]) for c in kind] if kind else [None]
+    if all(names) and len({m.group(1) for m in names}) == 1:
+        # Flax auto-names of one module type ("Dense_0", "Dense_2", "Dense_10") count in call order.
+        ordered = [c for _, c in sorted(zip((int(m.group(2)) for m in names), kind))]
+        return (ordered[0] if which == "first" else ordered[-1])[0]
+    option = "dense_first_layer='<regex of its path>'" if which == "first" else "ablation_exempt=('<regex>',)"
+    raise ValueError(
+        f"cannot tell the network's {which} layer from the parameter paths (nested modules; top-level "
+        f"{'conv' if want_conv else '2-D'} kernels: {[c[0] for c in kind] or 'none'}; candidates: "
+        f"{[c[0] for c in candidates]}): name it with {option}")
+
+
+def first_layer(candidates: list[tuple[str, tuple[int, ...]]]) -> str:
+    """The network's first layer (see ``_by_position``): the first conv kernel (else the first kernel) of a
+    flat model, or the one top-level conv kernel (stem, patch embedding) beside nested blocks; else an error."""
+    return _by_position(candidates, "first", want_conv=True)
 
 
 def default_classifier(candidates: list[tuple[str, tuple[int, ...]]]) -> str:
-    """The classifier: the last top-level Dense (2-D) kernel in natural path order."""
-    top = _top_level(candidates)
-    return ([c for c in top if len(c[1]) == 2] or top)[-1][0]
+    """The classifier: the last 2-D kernel of a flat model, or the one top-level 2-D kernel beside nested
+    blocks ("head/kernel" after "block3/..."); else an error asking for ``ablation_exempt``."""
+    return _by_position(candidates, "last", want_conv=False)
 
 
 def erk_raw_density(shape: Sequence[int]) -> float:
@@ -122,13 +164,18 @@ def layer_sparsities(
 ) -> dict[str, float]:
     """Per-layer sparsity so that the global nonzero budget (1 - S) * sum(numel) holds.
 
-    ``distribution`` is "uniform" or "erk"; a mapping ``sparsity`` gives per-path values explicitly
-    (unlisted candidates stay dense). Forced-dense layers count against the global budget.
+    ``distribution`` is "uniform" or "erk" (forced-dense layers count against the global budget), or
+    "uniform_sparse" (every layer not forced dense gets exactly ``sparsity``; the dense ones come on top, as in
+    the paper's ViT runs); a mapping ``sparsity`` gives per-path values explicitly (unlisted candidates stay
+    dense).
 
     >>> s = layer_sparsities({"a": (10, 10), "b": (10, 10)}, 0.25, "uniform", {"a"})
     >>> s["a"], round(s["b"], 6)
     (0.0, 0.5)
     """
+    if distribution == "uniform_sparse" and not isinstance(sparsity, Mapping):
+        _check_sparsity(sparsity, "global")
+        return {p: (0.0 if p in forced_dense else float(sparsity)) for p in shapes}
     if isinstance(sparsity, Mapping):
         unknown = sorted(set(sparsity) - set(shapes))
         if unknown:
@@ -155,7 +202,7 @@ def layer_sparsities(
         elif distribution == "erk":
             raw = {p: erk_raw_density(shapes[p]) for p in free}
         else:
-            raise ValueError(f"unknown distribution {distribution!r}; use 'uniform', 'erk' or a dict")
+            raise ValueError(f"unknown distribution {distribution!r}; use {DISTRIBUTIONS} or a dict")
         eps = remaining / sum(raw[p] * numel[p] for p in free)
         too_dense = [p for p in free if eps * raw[p] > 1.0]
         if not too_dense:
@@ -178,7 +225,7 @@ def build_plans(
     *,
     sparse_pattern: str = DEFAULT_SPARSE_PATTERN,
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS,
-    dense_first_layer: bool = False,
+    dense_first_layer: bool | str = False,
     ablation_exempt: Sequence[str] | None = None,
 ) -> dict[str, LayerPlan]:
     """LayerPlans for all sparse candidates of ``params`` (dense ones included with sparsity 0).

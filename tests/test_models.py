@@ -77,7 +77,7 @@ def _plans(config_name, **overrides):
     cfg = get_config(config_name, **overrides)
     model, spec = build_model(cfg.model, **cfg.model_kwargs)
     shapes = jax.eval_shape(lambda k: init_variables(model, spec.input_shape, k), jax.random.PRNGKey(0))
-    return make_algo(cfg, spec, 1000, shapes["params"]).layer_plans(shapes["params"])
+    return make_algo(cfg, spec, 1000).layer_plans(shapes["params"])
 
 
 def test_vit_attention_in_projections_dense_and_head_exempt():

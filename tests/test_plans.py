@@ -151,3 +151,48 @@ def test_non_float_kernel_and_missing_layers():
 def test_bad_configuration_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sj.SRigL(sparsity=0.9, t_end=100, **kwargs)
+
+
+def _nested_mlp(wrapper=None):
+    body = {"encoder": {"Dense_0": {"kernel": jnp.zeros((20, 16))}, "Dense_1": {"kernel": jnp.zeros((16, 16))}},
+            "classifier": {"kernel": jnp.zeros((16, 4))}}
+    return {wrapper: body} if wrapper else body
+
+
+@pytest.mark.parametrize("wrapper", [None, "params"])
+def test_first_layer_by_position_in_a_nested_model_is_an_error_not_the_classifier(wrapper):
+    """Reported: with the body nested, dense_first_layer=True made the classifier dense and left the first
+    layer sparse. The paths alone cannot tell which encoder layer comes first: an error asks for a path."""
+    params = _nested_mlp(wrapper)
+    with pytest.raises(ValueError, match="first layer.*dense_first_layer='<regex"):
+        build_plans(params, 0.5, "uniform", dense_first_layer=True)
+    plans = build_plans(params, 0.3, "uniform", dense_first_layer=r"encoder/Dense_0/")
+    assert [p for p, pl in plans.items() if pl.is_dense] == [f"{wrapper + '/' if wrapper else ''}encoder/Dense_0/kernel"]
+    assert [p for p, pl in plans.items() if not pl.ablatable] == [
+        f"{wrapper + '/' if wrapper else ''}classifier/kernel"]   # the one top-level 2-D kernel
+    with pytest.raises(ValueError, match="matches no sparse candidate"):
+        build_plans(params, 0.5, "uniform", dense_first_layer=r"decoder/")
+
+
+def test_first_layer_and_classifier_of_a_wrapped_flat_model():
+    params = {"params": {f"Dense_{i}": {"kernel": jnp.zeros((8, 8))} for i in (0, 1, 2, 10)}}
+    plans = build_plans(params, 0.5, "uniform", dense_first_layer=True)
+    assert [p for p, pl in plans.items() if pl.is_dense] == ["params/Dense_0/kernel"]
+    assert [p for p, pl in plans.items() if not pl.ablatable] == ["params/Dense_10/kernel"]
+
+
+def test_ambiguous_classifier_is_an_error():
+    params = {"block": {"Dense_0": {"kernel": jnp.zeros((8, 8))}},
+              "head_a": {"kernel": jnp.zeros((8, 4))}, "head_b": {"kernel": jnp.zeros((8, 4))}}
+    with pytest.raises(ValueError, match="last layer.*ablation_exempt"):
+        build_plans(params, 0.5, "uniform")
+    assert not build_plans(params, 0.5, "uniform", ablation_exempt=("head_b",))["head_b/kernel"].ablatable
+
+
+def test_uniform_sparse_gives_every_sparse_layer_exactly_s():
+    shapes = {"a": (10, 10), "b": (40, 10), "c": (40, 5)}
+    assert layer_sparsities(shapes, 0.7, "uniform_sparse", {"a"}) == {"a": 0.0, "b": 0.7, "c": 0.7}
+    uniform = layer_sparsities(shapes, 0.7, "uniform", {"a"})   # the global budget instead: others sparser
+    assert uniform["b"] > 0.7 and uniform["b"] == uniform["c"]
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        sj.SRigL(sparsity=0.9, t_end=10, distribution="uniform_all")

@@ -72,7 +72,7 @@ def test_srigl_mnist_accuracy_floor_and_invariants(tmp_path):
     assert result.summary["test_accuracy"] >= 0.95, result.summary["test_accuracy"]
     model, spec = build_model(cfg.model)
     params_shape = jax.eval_shape(lambda k: init_variables(model, spec.input_shape, k), jax.random.PRNGKey(0))
-    plans = make_algo(cfg, spec, 800, params_shape["params"]).layer_plans(params_shape["params"])
+    plans = make_algo(cfg, spec, 800).layer_plans(params_shape["params"])
     assert constant_fan_in_violations(result.state.params, result.state.masks, plans) == []
     # masks really moved (ITOP > initial density) and the global budget holds
     assert result.summary["itop_rate"] > 0.1 + 0.01
@@ -125,7 +125,7 @@ def test_cli_overrides_are_typed():
 def test_methods_map_to_algorithms():
     model, spec = build_model("mlp")
     params = jax.eval_shape(lambda k: init_variables(model, spec.input_shape, k), jax.random.PRNGKey(0))["params"]
-    algos = {m: make_algo(get_config("mnist_mlp", method=m), spec, 1000, params) for m in METHODS}
+    algos = {m: make_algo(get_config("mnist_mlp", method=m), spec, 1000) for m in METHODS}
     assert algos["srigl"].gamma_sal == 0.3 and algos["srigl_noablation"].gamma_sal is None
     assert type(algos["rigl"]).__name__ == "RigL" and type(algos["set"]).__name__ == "SET"
     assert all(p.is_dense for p in algos["dense"].layer_plans(params).values())

@@ -40,27 +40,23 @@ def default_workdir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
 
-def make_algo(cfg: Config, spec: ModelSpec, total_steps: int, params: Any) -> sj.DynamicSparsity:
-    """The sparse-training algorithm of ``cfg.method`` with the model's dense/exempt layer regexes.
+def make_algo(cfg: Config, spec: ModelSpec, total_steps: int) -> sj.DynamicSparsity:
+    """The sparse-training algorithm of ``cfg.method`` with the model's declared layers.
 
-    "dense" is Static at sparsity 0 (all-True masks, the same code path). The first layer is selected by
-    the model's own regex rather than the core's natural path order (in a ResNet, "head" sorts before "stem").
-    ``params`` (arrays or shape structs) is needed only for ``sparsity_over="sparse"``.
+    "dense" is Static at sparsity 0 (all-True masks, the same code path). ``dense_first_layer`` names the
+    model's first layer by its regex (``spec.first_layer``). ``sparsity_over="sparse"`` is the library's
+    ``distribution="uniform_sparse"``: every non-dense layer at exactly ``sparsity``.
     """
-    dense_paths = tuple(sj.DEFAULT_DENSE_PATHS) + tuple(spec.dense_paths)
-    if cfg.dense_first_layer:
-        dense_paths += (spec.first_layer,)
-    common = dict(distribution=cfg.distribution, dense_paths=dense_paths, ablation_exempt=spec.ablation_exempt)
+    distribution = "uniform_sparse" if cfg.sparsity_over == "sparse" else cfg.distribution
+    common = dict(distribution=distribution, dense_paths=tuple(sj.DEFAULT_DENSE_PATHS) + tuple(spec.dense_paths),
+                  dense_first_layer=spec.first_layer if cfg.dense_first_layer else False,
+                  ablation_exempt=spec.ablation_exempt)
     if cfg.method == "dense":
         return sj.Static(sparsity=0.0, **common)
-    sparsity: float | dict[str, float] = cfg.sparsity
-    if cfg.sparsity_over == "sparse":  # the same S on every non-dense layer (a {path: S} dict; others dense)
-        candidates, forced_dense = sj.plans.sparse_candidates(params, dense_paths=dense_paths)
-        sparsity = {path: cfg.sparsity for path, _ in candidates if path not in forced_dense}
-    dynamic = dict(common, sparsity=sparsity, delta_t=cfg.delta_t, alpha=cfg.alpha,
+    dynamic = dict(common, sparsity=cfg.sparsity, delta_t=cfg.delta_t, alpha=cfg.alpha,
                    t_end=int(cfg.t_end_frac * total_steps), grad_accumulation_steps=cfg.grad_accumulation_steps)
     if cfg.method == "static":
-        return sj.Static(sparsity=sparsity, **common)
+        return sj.Static(sparsity=cfg.sparsity, **common)
     if cfg.method == "set":
         return sj.SET(**dynamic)
     if cfg.method == "rigl":
@@ -178,7 +174,7 @@ def build_run(cfg: Config) -> RunSetup:
     variables = jax.jit(lambda k: init_variables(model, bundle.input_shape, k))(init_key)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
-    algo = make_algo(cfg, spec, total_steps, params)
+    algo = make_algo(cfg, spec, total_steps)
     schedule = make_lr_schedule(cfg, iterator.batches_per_epoch, total_steps)
     params, tx = init_sparse_training(algo, make_optimizer(cfg, schedule), params, state_key)
     loss_fn, apply_fn = make_model_fns(model, cfg.label_smoothing)
