@@ -37,7 +37,8 @@ QUICKSTART = [
 [SRigL](https://arxiv.org/abs/2305.02299) (Lasby et al., ICLR 2024) trains a sparse network whose neurons all
 keep the **same number of inputs** (constant fan-in k'), regrows connections from gradient magnitudes like RigL,
 and **ablates** neurons that have too few salient weights. This notebook trains LeNet-300-100 on the real MNIST
-with the core API (`sj.SRigL`, `sj.apply_masks`, `sj.sparse_apply`) and compares it with dense and RigL training,
+with the core API (`sj.SRigL` and the optax transformation `sj.sparse_optimizer`) and compares it with dense and
+RigL training,
 watching sparsity, active neurons, k' and ITOP over time."""),
     ("code", COLAB_CELL),
     ("md", SETTINGS_DOC),
@@ -84,9 +85,10 @@ for name, plan in algorithms["SRigL"].layer_plans(init_variables(model, (28, 28,
     print(f"{name:12s} shape {plan.shape}  sparsity {plan.sparsity:.3f}  k0 {plan.k0}")"""),
     ("md", """\
 ## Training loop
-One jitted step: dense gradient (w.r.t. every position, needed for regrowth) -> `sj.sparse_apply`, which updates
-the masks on update steps (`lax.cond`), resets the optimizer state of regrown weights and applies the optimizer
-chain ending in `sj.apply_masks()` (inactive weights stay exactly 0)."""),
+A plain optax loop: the sparse training is the optimizer. `sj.sparse_optimizer(inner, algo, masks=..., key=...)`
+wraps an ordinary optax optimizer; on update steps it updates the masks (`lax.cond`), resets the optimizer state
+of regrown weights and lands inactive weights on exactly 0. The step gives it the dense gradient (w.r.t. every
+position, needed for regrowth); the masks live in the optimizer state (`sj.get_masks`)."""),
     ("code", """\
 def train(algo, steps=STEPS, seed=0):
     k_init, k_mask, k_weights, k_steps = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -94,9 +96,8 @@ def train(algo, steps=STEPS, seed=0):
     masks = algo.init_masks(params, k_mask)
     params = algo.init_params(params, masks, k_weights)   # sparse-aware init, inactive weights = 0
     plans = algo.layer_plans(params)
-    tx = optax.chain(optax.add_decayed_weights(1e-4),
-                     optax.sgd(optax.cosine_decay_schedule(0.1, steps), momentum=0.9),
-                     sj.apply_masks())
+    inner = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(optax.cosine_decay_schedule(0.1, steps), momentum=0.9))
+    tx = sj.sparse_optimizer(inner, algo, masks=masks, key=k_steps)
     opt_state = tx.init(params)
 
     def loss_fn(p, batch):
@@ -104,10 +105,10 @@ def train(algo, steps=STEPS, seed=0):
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
     @jax.jit
-    def train_step(params, opt_state, masks, batch, step):
+    def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        res = sj.sparse_apply(algo, tx, params, opt_state, masks, grads, jax.random.fold_in(k_steps, step), step)
-        return res.params, res.opt_state, res.masks, loss
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
     @jax.jit
     def measure(params, masks, itop, x, y):
@@ -118,7 +119,8 @@ def train(algo, steps=STEPS, seed=0):
     history = {}
     batches = BatchIterator(train_source, 128, seed, ds.mean, ds.std)
     for step in tqdm(range(1, steps + 1), desc=type(algo).__name__, mininterval=20):
-        params, opt_state, masks, loss = train_step(params, opt_state, masks, next(batches), step)
+        params, opt_state, loss = train_step(params, opt_state, next(batches))
+        masks = sj.get_masks(opt_state)
         itop = sj.update_itop(itop, masks)
         if step % RECORD_EVERY == 0 or step == steps:
             row = {"step": step, "loss": float(loss), **jax.device_get(measure(params, masks, itop, x_test, y_test))}
