@@ -12,6 +12,7 @@ import re
 import shlex
 import signal
 import sys
+import textwrap
 import typing
 
 from train.configs import CONFIGS, RULES, Config, ConfigError, allowed_text, field_kind, get_config, parse_field, \
@@ -68,12 +69,13 @@ def build_parser(preset: str = "mnist_mlp") -> argparse.ArgumentParser:
     base = CONFIGS.get(preset, CONFIGS["mnist_mlp"])
     parser = _Parser(
         prog="python -m train", allow_abbrev=False, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a sparse network with SRigL / RigL / SET / static / dense. Every --field overrides "
-        f"that field of the chosen --config preset (train/configs.py); 'none' unsets an optional field. Defaults "
-        f"shown are those of --config {base.name}.")
+        description=textwrap.fill(
+            "Train a sparse network with SRigL / RigL / SET / static / dense. Every --field overrides that field "
+            "of the chosen --config preset (train/configs.py); 'none' unsets an optional field. Defaults shown "
+            f"are those of --config {base.name}.", 110))
     parser.add_argument("--config", default="mnist_mlp", type=_config_name, metavar="NAME",
                         help=f"recipe preset: {' | '.join(CONFIGS)} (default: mnist_mlp)")
-    parser.add_argument("--extend", action="store_true", help=EXTEND_HELP)
+    parser.add_argument("--extend", action="store_true", default=argparse.SUPPRESS, help=EXTEND_HELP)
     for field in dataclasses.fields(Config):
         if field.name == "name":
             continue
@@ -106,7 +108,7 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_preset_in(argv))
     args = vars(parser.parse_args(argv))
-    name, extend = args.pop("config"), args.pop("extend")
+    name, extend = args.pop("config"), args.pop("extend", False)
     try:
         cfg = get_config(name, **args)
     except ConfigError as e:
