@@ -62,6 +62,7 @@ BAD = [  # (flags, what the one error line must contain)
     (["--train-subset", "50", "--batch-size", "100"], ["--batch-size 100", "has 50 examples"]),
     (["--model-kwargs", '{"nope": 1}'], ['--model-kwargs {"nope": 1}', "unexpected keyword argument 'nope'"]),
     (["--model-kwargs", "[1]"], ["--model-kwargs [1]", "allowed: a JSON object"]),
+    (["--model-kwargs", '{"hidden": "abc"}'], ["cannot build this run from its flags", "nothing was written"]),
     (["--bogus", "1"], ["unrecognized arguments: --bogus 1"]),
 ]
 
@@ -139,7 +140,7 @@ def test_help_lists_defaults_and_choices(capsys):
 
 def test_signal_handlers_are_restored_after_training(tmp_path):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    train(get_config("mnist_mlp", workdir=str(tmp_path / "run"), **{**TINY, "steps": 2}))
+    train(get_config("mnist_mlp", workdir=str(tmp_path / "run"), **{**TINY, "stop_after": 2}))
     assert {s: signal.getsignal(s) for s in before} == before
 
 
@@ -149,7 +150,7 @@ import sys, time
 from train import data
 _next = data.BatchIterator.__next__
 def slow_next(self):
-    time.sleep(0.15)
+    time.sleep(0.1)
     return _next(self)
 data.BatchIterator.__next__ = slow_next
 from train.__main__ import main

@@ -116,7 +116,7 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
 
     from train.checkpoint import CheckpointError, IncompatibleRunError
     from train.data import DataError
-    from train.loop import NonFiniteError, train
+    from train.loop import NonFiniteError, SetupError, train
     from train.report import summary_text
 
     command = " ".join(["python -m train"] + [shlex.quote(a) for a in argv])
@@ -124,7 +124,7 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
         result = train(cfg, extend=extend)
     except ConfigError as e:
         parser.error(str(e))
-    except IncompatibleRunError as e:
+    except (IncompatibleRunError, SetupError) as e:
         parser.error(str(e))
     except (DataError, CheckpointError, NonFiniteError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -202,6 +202,10 @@ def build_run(cfg: Config) -> RunSetup:
 # train(): validation before anything is written, resume / extend / already-complete, signals, fallback.
 
 
+class SetupError(ValueError):
+    """The config passed every check, but building model/data/algorithm from it failed (nothing written)."""
+
+
 class ResumeError(IncompatibleRunError):
     """Resuming would silently change the run's schedule (or --extend cannot extend it); nothing was touched."""
 
@@ -351,7 +355,14 @@ def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], c
                 return RunResult(stored, None, status="already_complete", checkpoint=ckpt.step_dir(newest))
 
     # 2. Build (data, model, algorithm, optimizer, initial state): still nothing written.
-    run = build_run(cfg)
+    try:
+        run = build_run(cfg)
+    except (ValueError, TypeError) as e:  # a combination the checks above do not know (e.g. model vs input)
+        if isinstance(e, ConfigError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SetupError(f"cannot build this run from its flags ({type(e).__name__}: {first}); nothing was "
+                         f"written. Check --model/--model-kwargs against --dataset.") from e
     bundle, iterator, total_steps, algo, tx, plans, schedule = (run.bundle, run.iterator, run.total_steps,
                                                                run.algo, run.tx, run.plans, run.schedule)
     state = run.state
