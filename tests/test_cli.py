@@ -88,8 +88,17 @@ def test_workdir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--workdir", str(target), "--steps", "3"])
     assert exit_info.value.code == 2
-    assert f"--workdir {target} is invalid (it is a file)" in capsys.readouterr().err
+    assert f"--workdir {target} is invalid (it is a file); allowed: a new or empty folder" in capsys.readouterr().err
     assert target.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_folder_of_other_files_is_never_used_as_a_workdir(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workdir", str(tmp_path), "--steps", "3"])
+    assert exit_info.value.code == 2
+    assert "it holds other files (notes.txt) and no run" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_names_kept_here_match_the_code():

@@ -130,8 +130,8 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted outside the training loop; checkpoints written so far are kept "
-              f"(run the same command to resume).", file=sys.stderr)
+        print(f"\n{parser.prog}: interrupted; checkpoints written so far are kept (run the same command to "
+              f"resume).", file=sys.stderr)
         return 128 + signal.SIGINT
 
     s = result.summary

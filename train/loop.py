@@ -48,6 +48,10 @@ class RunResult:
     checkpoint: Path | None = None
 
 
+# What a workdir holds; a non-empty folder with none of these is not a run's and is never written into.
+RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "summary.json")
+
+
 def default_workdir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.name}-{cfg.method}-{cfg.sparsity:g}-s{cfg.seed}"
 
@@ -317,7 +321,13 @@ def train(cfg: Config, extend: bool = False) -> RunResult:
     t_start = time.time()
     workdir = Path(cfg.workdir) if cfg.workdir else default_workdir(cfg)
     if workdir.exists() and not workdir.is_dir():
-        raise ConfigError("workdir", str(workdir), "a folder (new or an earlier run's)", "it is a file")
+        raise ConfigError("workdir", str(workdir), "a new or empty folder, or an earlier run's", "it is a file")
+    if workdir.is_dir() and not any((workdir / n).exists() for n in RUN_FILES):
+        others = sorted(p.name for p in workdir.iterdir())
+        if others:  # never write run files into a folder of the user's other files
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise ConfigError("workdir", str(workdir), "a new or empty folder, or an earlier run's",
+                              f"it holds other files ({shown}) and no run")
     _validate_runtime(cfg)
     cfg_dict = _plain_config(cfg)
     ckpt_dir = workdir / "checkpoints"
@@ -495,7 +505,7 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
 
     final_state = jax.device_get(get_state(state, cfg.mode))
     steps_done = int(final_state.step)
-    if interrupted is not None:
+    if interrupted is not None and steps_done < end:  # (at the last step the run simply finishes)
         summary = {"config": cfg.name, "method": cfg.method, "steps": steps_done, "total_steps": total_steps,
                    "finished": False, "interrupted": signal.Signals(interrupted).name,
                    "checkpoint": str(ckpt.step_dir(steps_done)), "workdir": str(workdir)}
