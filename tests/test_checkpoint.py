@@ -66,9 +66,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, full_run, capsys):
     resumed = train(get_config("mnist_mlp", workdir=str(split), **{**TINY, "eval_every": 12, "log_every": 6}))
     assert "resuming from step 10 of 24 (checkpoint " in capsys.readouterr().err
     assert resumed.summary["steps"] == 24 and resumed.summary["finished"]
-    # the masks changed during the run (mask updates at 5, 10, 15: so resuming crossed update steps)
-    assert any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), part.state.masks,
-                                            resumed.state.masks)))
+    # the masks changed after the resume point (mask update at 15: ITOP grew), so resuming crossed an update
+    # (read from the metrics, not from TrainState fields, whose layout may change)
+    assert resumed.summary["itop_rate"] > part.summary["itop_rate"]
     _assert_same_state(full_run.state, resumed.state)
     assert full_run.summary["test_accuracy"] == resumed.summary["test_accuracy"]
     assert resumed.summary["train_seconds"] > part.summary["train_seconds"]  # both sessions counted
@@ -141,8 +141,8 @@ def test_extend_continues_to_the_new_total_with_a_recomputed_schedule(tmp_path, 
     for r in records:
         if r["step"] > 24:
             assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)))
-    assert any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), full_run.state.masks,
-                                            result.state.masks)))  # t_end moved from 18 to 30
+    itop = {r["step"]: r["itop_rate"] for r in records}
+    assert itop[28] > itop[24] == full_run.summary["itop_rate"]  # t_end moved from 18 to 30: update at 25
     assert result.summary["test_accuracy"] != full_run.summary["test_accuracy"]
 
 
