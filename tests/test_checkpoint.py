@@ -51,6 +51,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, full_run, capsys):
     split = tmp_path / "split"
     part = train(get_config("mnist_mlp", workdir=str(split), stop_after=10, **TINY))
     assert part.summary["steps"] == 10 and not part.summary["finished"] and part.status == "stopped"
+    before = _files(split)
+    again = train(get_config("mnist_mlp", workdir=str(split), stop_after=10, **TINY))  # the same command again
+    assert again.status == "stopped" and again.summary == part.summary and _files(split) == before
 
     # Resuming with an incompatible setting is refused, naming the field, and touches nothing.
     before = _files(split)

@@ -1,5 +1,6 @@
 """The training CLI as a user meets it: one-line usage errors before anything is written, --help, none/list
 values, and SIGINT/SIGTERM mid-run (a subprocess) that checkpoints, exits 130/143 and resumes bit-identically."""
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from train.__main__ import build_parser, main
-from train.configs import DATASETS, MODEL_NAMES, MODES, get_config
+from train.configs import DATASETS, MODEL_NAMES, MODES, Config, field_kind, get_config
 from train.loop import make_algo, train
 from train.models import MODELS, build_model, init_variables
 from train.steps import MODES as STEP_MODES
@@ -120,6 +121,10 @@ def test_none_unsets_optional_fields_and_single_numbers_are_lists():
     assert cfg.gamma_sal is None and cfg.lr_decay_epochs == (3.0,) and cfg.grad_clip_norm is None
     assert cfg.stop_after is None and cfg.train_subset is None
     assert get_config("mnist_mlp", lr_decay_epochs=(1, 2)).lr_decay_epochs == (1, 2)
+    optional = [f.name for f in dataclasses.fields(Config) if field_kind(f)[1]]
+    assert "gamma_sal" in optional and len(optional) >= 9
+    for name in optional:  # 'none' works for every optional field
+        assert vars(build_parser().parse_args([f"--{name.replace('_', '-')}", "none"]))[name] is None
     for text, value in (("[77, 154]", (77.0, 154.0)), ("77,154", (77.0, 154.0)), ("[]", ()), ("", ())):
         assert vars(build_parser().parse_args(["--lr-decay-epochs", text]))["lr_decay_epochs"] == value
     # gamma_sal None = SRigL without ablation, the same algorithm as srigl_noablation

@@ -361,8 +361,11 @@ def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], c
                 stored = json.loads(summary_file.read_text())
             except ValueError:
                 stored = {}
-            if stored.get("finished") and stored.get("steps") == newest:
+            if stored.get("steps") == newest and stored.get("finished"):
                 return RunResult(stored, None, status="already_complete", checkpoint=ckpt.step_dir(newest))
+            if stored.get("steps") == newest and cfg.stop_after is not None and newest >= cfg.stop_after:
+                # the same --stop-after again: already stopped there, nothing to do either
+                return RunResult(stored, None, status="stopped", checkpoint=ckpt.step_dir(newest))
 
     # 2. Build (data, model, algorithm, optimizer, initial state): still nothing written.
     try:
