@@ -114,10 +114,14 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
 
-    from train.checkpoint import CheckpointError, IncompatibleRunError
-    from train.data import DataError
-    from train.loop import NonFiniteError, SetupError, train
-    from train.report import summary_text
+    try:  # jax and the model code load here (seconds): Ctrl-C now is no traceback either
+        from train.checkpoint import CheckpointError, IncompatibleRunError
+        from train.data import DataError
+        from train.loop import NonFiniteError, SetupError, train
+        from train.report import summary_text
+    except KeyboardInterrupt:
+        print(f"\n{parser.prog}: interrupted before training started; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGINT
 
     command = " ".join(["python -m train"] + [shlex.quote(a) for a in argv])
     try:

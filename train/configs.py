@@ -32,6 +32,9 @@ class ConfigError(ValueError):
         super().__init__(f"{flag_name(field)} {shown} is invalid{f' ({reason})' if reason else ''}; "
                          f"allowed: {allowed}")
 
+    def __reduce__(self):  # picklable despite the custom signature
+        return type(self), (self.field, self.value, self.allowed, self.reason)
+
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
