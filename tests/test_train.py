@@ -53,6 +53,13 @@ def test_cli_run_writes_log_plot_summary(tmp_path, capsys):
     assert out.startswith(f"already complete: {workdir} finished all 24 steps")
     assert f"train time (s, all sessions)  {summary['train_seconds']:.1f}" in out
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
+    # A longer schedule without --extend: a one-line usage error naming the field; still nothing changed.
+    with pytest.raises(SystemExit) as exit_info:
+        main(_cli_args({**TINY, "workdir": workdir, "steps": 30}))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has another schedule (--steps 24 -> 30); pass --extend" in err
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
 
 
 def test_nonfinite_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
