@@ -66,6 +66,34 @@ def _damage(e: BaseException, what: str) -> str:
     return f"{what} cannot be read ({short_error(e, 160)})"
 
 
+def _is_orphan_report(unraisable) -> bool:
+    """An 'Exception ignored' report left by a restore that failed part-way (see _collect_orphaned_reads)."""
+    return isinstance(unraisable.object, types.CoroutineType) or (
+        unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed")
+
+
+_late_filter_installed = False
+
+
+def _install_late_filter() -> None:
+    """TensorStore reads still in flight when a restore failed complete later, on TensorStore's threads, and
+    their callbacks find orbax's event loop closed ('Exception ignored in: None ... Event loop is closed'). They
+    can arrive any time after the failure, so after the first failed restore this narrow filter stays in front
+    of whatever hook is installed; every other unraisable exception still reaches it."""
+    global _late_filter_installed
+    if _late_filter_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_orphan_report(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _late_filter_installed = True
+
+
 @contextlib.contextmanager
 def _collect_orphaned_reads() -> Iterator[None]:
     """When an orbax restore fails part-way, its other array-read coroutines are never awaited and Python
@@ -75,9 +103,7 @@ def _collect_orphaned_reads() -> Iterator[None]:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        orphan = isinstance(unraisable.object, types.CoroutineType) or (
-            isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
-        if not orphan:
+        if not _is_orphan_report(unraisable):
             previous(unraisable)
 
     sys.unraisablehook = hook
@@ -187,6 +213,7 @@ class Checkpointer:
             except Exception as e:
                 problem = _damage(e, "the metadata of its state item")
         if problem is not None:
+            _install_late_filter()  # after the block: it must wrap the hook the block restored
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {problem}.")
         if stored is None:
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: it has no state item "
@@ -232,6 +259,7 @@ class Checkpointer:
             except Exception as e:
                 problem = _damage(e, "its arrays")
         if problem is not None:
+            _install_late_filter()  # after the block: it must wrap the hook the block restored
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {problem}. {self._hint()}")
         _check_shapes(state, target, where, self._hint())
         return state, meta

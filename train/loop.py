@@ -49,7 +49,7 @@ class RunResult:
 
 
 # What a workdir holds; a non-empty folder with none of these is not a run's and is never written into.
-RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "summary.json")
+RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "summary.json", "training.png", "damaged-checkpoints")
 
 
 def default_workdir(cfg: Config) -> Path:
