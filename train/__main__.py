@@ -84,9 +84,11 @@ def build_parser(preset: str = "mnist_mlp") -> argparse.ArgumentParser:
         rule = RULES[field.name]
         help_text = (f"{rule.help}. Allowed: {allowed_text(field.name)}. "
                      f"Default: {show_value(getattr(base, field.name))}").replace("%", "%%")
-        parser.add_argument(flag, *([] if "_" not in field.name else ["--" + field.name]), dest=field.name,
-                            default=argparse.SUPPRESS, type=_field_type(field.name),
-                            metavar="|".join(rule.choices) if rule.choices else kind.upper(), help=help_text)
+        common = dict(dest=field.name, default=argparse.SUPPRESS, type=_field_type(field.name),
+                      metavar="|".join(rule.choices) if rule.choices else kind.upper())
+        parser.add_argument(flag, help=help_text, **common)
+        if "_" in field.name:  # --delta_t works too (not listed in --help)
+            parser.add_argument("--" + field.name, help=argparse.SUPPRESS, **common)
     return parser
 
 
