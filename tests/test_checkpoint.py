@@ -1,4 +1,6 @@
 """Checkpoints: kill-and-resume is bit-identical, retention (last n + best), clear errors, nothing overwritten."""
+import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -6,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.checkpoint import Checkpointer, CheckpointError, config_fingerprint
+from train import report
+from train.checkpoint import Checkpointer, CheckpointError, IncompatibleRunError, config_fingerprint
 from train.configs import get_config
-from train.loop import train
+from train.loop import ResumeError, make_lr_schedule, train
 from train.testing import TINY_RUN as TINY
 from train.testing import persistent_compile_cache
 
@@ -27,35 +30,123 @@ def _snapshot(directory: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax read of garbage
-def test_kill_and_resume_is_bit_identical(tmp_path):
-    full = train(get_config("mnist_mlp", workdir=str(tmp_path / "full"), **TINY))
-    part = train(get_config("mnist_mlp", workdir=str(tmp_path / "split"), stop_after=10, **TINY))
-    assert part.summary["steps"] == 10 and not part.summary["finished"]
-    resumed = train(get_config("mnist_mlp", workdir=str(tmp_path / "split"), **TINY))
-    assert resumed.summary["steps"] == 24 and resumed.summary["finished"]
-    a, b = full.state, resumed.state
-    # the masks changed during the run (mask updates at 5, 10, 15: so resuming crossed update steps)
-    assert any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), part.state.masks, b.masks)))
-    for field in ("params", "masks", "opt_state", "itop", "rng", "step"):
+def _files(directory: Path) -> dict:
+    """Every file with its bytes (for 'nothing changed' checks that also catch same-size rewrites)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _assert_same_state(a, b):
+    for field in ("step", "params", "opt_state"):
         assert _tree_equal(getattr(a, field), getattr(b, field)), f"{field} differs after resume"
-    assert full.summary["test_accuracy"] == resumed.summary["test_accuracy"]
+    assert _tree_equal(a, b), "some other TrainState field differs after resume"  # masks, ITOP, rng, ...
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """The uninterrupted 24-step reference run."""
+    return train(get_config("mnist_mlp", workdir=str(tmp_path_factory.mktemp("full") / "run"), **TINY))
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, full_run, capsys):
+    split = tmp_path / "split"
+    part = train(get_config("mnist_mlp", workdir=str(split), stop_after=10, **TINY))
+    assert part.summary["steps"] == 10 and not part.summary["finished"] and part.status == "stopped"
+    before = _files(split)
+    again = train(get_config("mnist_mlp", workdir=str(split), stop_after=10, **TINY))  # the same command again
+    assert again.status == "stopped" and again.summary == part.summary and _files(split) == before
 
     # Resuming with an incompatible setting is refused, naming the field, and touches nothing.
-    ckpt_dir = tmp_path / "split" / "checkpoints"
-    before = _snapshot(tmp_path / "split")
-    with pytest.raises(CheckpointError, match="sparsity"):
-        train(get_config("mnist_mlp", workdir=str(tmp_path / "split"), **{**TINY, "sparsity": 0.95}))
-    assert _snapshot(tmp_path / "split") == before
-    # Corrupt the newest checkpoint's array data: clear error, nothing overwritten.
-    latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-    for f in (ckpt_dir / str(latest) / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+    before = _files(split)
+    with pytest.raises(IncompatibleRunError, match=r"--sparsity 0.9 -> 0.95.*not even with --extend"):
+        train(get_config("mnist_mlp", workdir=str(split), **{**TINY, "sparsity": 0.95}))
+    # So is a changed schedule without --extend (naming every changed field).
+    with pytest.raises(ResumeError, match=r"--steps 24 -> 30, --lr 0.1 -> 0.2\); pass --extend"):
+        train(get_config("mnist_mlp", workdir=str(split), **{**TINY, "steps": 30, "lr": 0.2}))
+    assert _files(split) == before
+    capsys.readouterr()
+
+    # Non-schedule fields (eval/log cadence) may change on resume.
+    resumed = train(get_config("mnist_mlp", workdir=str(split), **{**TINY, "eval_every": 12, "log_every": 6}))
+    assert "resuming from step 10 of 24 (checkpoint " in capsys.readouterr().err
+    assert resumed.summary["steps"] == 24 and resumed.summary["finished"]
+    # the masks changed after the resume point (mask update at 15: ITOP grew), so resuming crossed an update
+    # (read from the metrics, not from TrainState fields, whose layout may change)
+    assert resumed.summary["itop_rate"] > part.summary["itop_rate"]
+    _assert_same_state(full_run.state, resumed.state)
+    assert full_run.summary["test_accuracy"] == resumed.summary["test_accuracy"]
+    assert resumed.summary["train_seconds"] > part.summary["train_seconds"]  # both sessions counted
+
+    # Re-running the finished run changes nothing and reports it as already complete.
+    before = _files(split)
+    again = train(get_config("mnist_mlp", workdir=str(split), **TINY))
+    assert again.status == "already_complete" and again.state is None
+    assert again.summary == resumed.summary
+    assert _files(split) == before
+
+
+def _garble_arrays(step_dir: Path) -> None:
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name.lower():
             f.write_bytes(b"\x00garbage" * 4)
-    before = _snapshot(tmp_path / "split")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        train(get_config("mnist_mlp", workdir=str(tmp_path / "split"), **TINY))
-    assert _snapshot(tmp_path / "split") == before
+
+
+def test_damaged_latest_checkpoint_falls_back_to_newest_intact(tmp_path, full_run, capsys):
+    run = tmp_path / "run"
+    train(get_config("mnist_mlp", workdir=str(run), stop_after=16, **TINY))  # checkpoints 8 and 16
+    ckpt_dir = run / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [8, 16]
+    _garble_arrays(ckpt_dir / "16")
+    (ckpt_dir / "20").mkdir()  # an empty step folder (e.g. a copy that never finished)
+    damaged = _files(ckpt_dir / "16")
+    capsys.readouterr()
+    resumed = train(get_config("mnist_mlp", workdir=str(run), **TINY))
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt_dir / '20'} is corrupt or unreadable: it is an empty directory" in err
+    assert re.search(rf"checkpoint {ckpt_dir / '16'} is corrupt or unreadable: \S+/16/state/\S+ is damaged", err)
+    assert "resuming from step 8 of 24" in err
+    assert "tensorstore" not in err.lower() and "{" not in err  # one sentence per problem, no spec dumps
+    assert len([line for line in err.splitlines() if line.startswith("warning:")]) == 2
+    # nothing deleted: the damaged checkpoints were moved aside, byte for byte
+    assert _files(run / "damaged-checkpoints" / "16") == damaged
+    assert (run / "damaged-checkpoints" / "20").is_dir()
+    _assert_same_state(full_run.state, resumed.state)
+
+
+def test_no_usable_checkpoint_is_an_error_that_touches_nothing(tmp_path):
+    run = tmp_path / "run"
+    train(get_config("mnist_mlp", workdir=str(run), stop_after=8, **TINY))
+    _garble_arrays(run / "checkpoints" / "8")
+    before = _files(run)
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint.*checkpoints/8/state/\S+ is damaged"):
+        train(get_config("mnist_mlp", workdir=str(run), **TINY))
+    assert _files(run) == before
+
+
+def test_extend_continues_to_the_new_total_with_a_recomputed_schedule(tmp_path, full_run, capsys):
+    """--extend on a finished 24-step run with --steps 40: steps 25..40 follow the lr schedule and t_end of a
+    40-step config (mask update at 25, since t_end = 0.75 * 40 = 30); the first 24 steps are kept."""
+    run = tmp_path / "run"
+    shutil.copytree(Path(full_run.summary["workdir"]), run)
+    cfg = get_config("mnist_mlp", workdir=str(run), **{**TINY, "steps": 40})
+    capsys.readouterr()
+    with pytest.raises(ResumeError, match="--steps 24 -> 40"):
+        train(cfg)
+    with pytest.raises(ResumeError, match="ends at step 20"):
+        train(get_config("mnist_mlp", workdir=str(run), **{**TINY, "steps": 20}), extend=True)
+    result = train(cfg, extend=True)
+    err = capsys.readouterr().err
+    assert "resuming from step 24 of 40" in err and "--extend: --steps 24 -> 40" in err
+    assert result.status == "finished" and result.summary["steps"] == 40 and result.summary["total_steps"] == 40
+    assert result.summary["extensions"] == [{"at_step": 24, "changed": {"steps": [24, 40]}}]
+    records = report.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(4, 41, 4))
+    schedule = make_lr_schedule(cfg, 60000 // 128, 40)
+    for r in records:
+        if r["step"] > 24:
+            assert r["lr"] == pytest.approx(float(schedule(r["step"] - 1)))
+    itop = {r["step"]: r["itop_rate"] for r in records}
+    assert itop[28] > itop[24] == full_run.summary["itop_rate"]  # t_end moved from 18 to 30: update at 25
+    assert result.summary["test_accuracy"] != full_run.summary["test_accuracy"]
 
 
 def _tiny_state(scale=1.0):

@@ -46,6 +46,21 @@ def test_cli_run_writes_log_plot_summary(tmp_path, capsys):
     assert summary["finished"] and summary["steps"] == 24
     assert abs(summary["global_sparsity"] - 0.9) < 0.01
 
+    # The same command again: "already complete", the stored summary, and not one byte changed.
+    files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert main(_cli_args({**TINY, "workdir": workdir, "eval_every": 4})) == 0  # cadence may differ
+    out = capsys.readouterr().out
+    assert out.startswith(f"already complete: {workdir} finished all 24 steps")
+    assert f"train time (s, all sessions)  {summary['train_seconds']:.1f}" in out
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
+    # A longer schedule without --extend: a one-line usage error naming the field; still nothing changed.
+    with pytest.raises(SystemExit) as exit_info:
+        main(_cli_args({**TINY, "workdir": workdir, "steps": 30}))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has another schedule (--steps 24 -> 30); pass --extend" in err
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == files
+
 
 def test_nonfinite_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real_next = data_lib.BatchIterator.__next__
@@ -118,7 +133,7 @@ def test_cli_overrides_are_typed():
         build_parser().parse_args(["--method", "magic"])
     with pytest.raises(ValueError, match="unknown config field"):
         get_config("mnist_mlp", sparsty=0.9)
-    with pytest.raises(ValueError, match="known configs"):
+    with pytest.raises(ValueError, match="--config mnist_transformer is invalid; allowed: mnist_mlp"):
         get_config("mnist_transformer")
 
 

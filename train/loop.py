@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,8 +21,9 @@ from tqdm.auto import tqdm
 import srigl_jax as sj
 from train import data as data_lib
 from train import report
-from train.checkpoint import Checkpointer, config_fingerprint
-from train.configs import Config, resolve_steps
+from train.checkpoint import CheckpointError, Checkpointer, IncompatibleRunError, config_fingerprint
+from train.configs import IDENTITY_FIELDS, SCHEDULE_FIELDS, Config, ConfigError, flag_name, resolve_steps, \
+    show_value
 from train.models import ModelSpec, build_model, init_variables
 from train.steps import TrainState, get_state, init_sparse_training, init_train_state, make_eval_step, \
     make_train_step, put_state, shard_batch
@@ -30,10 +35,21 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass
 class RunResult:
-    """What :func:`train` returns: the summary dict (also in summary.json) and the final host-side state."""
+    """What :func:`train` returns: the summary dict (also in summary.json) and the final host-side state.
+
+    ``status``: "finished", "stopped" (--stop-after), "interrupted" (SIGINT/SIGTERM: ``signal`` is set, no
+    evaluation, summary.json untouched) or "already_complete" (the stored summary; ``state`` is None and nothing
+    was written). ``checkpoint``: the checkpoint the run ended on (None if none was written)."""
 
     summary: dict[str, Any]
-    state: TrainState
+    state: TrainState | None
+    status: str = "finished"
+    signal: int | None = None
+    checkpoint: Path | None = None
+
+
+# What a workdir holds; a non-empty folder with none of these is not a run's and is never written into.
+RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "summary.json", "training.png", "damaged-checkpoints")
 
 
 def default_workdir(cfg: Config) -> Path:
@@ -183,26 +199,240 @@ def build_run(cfg: Config) -> RunSetup:
                     algo.layer_plans(params), state)
 
 
-def train(cfg: Config) -> RunResult:
-    """Run (or resume) the training described by ``cfg``; returns the summary and final state."""
+# --------------------------------------------------------------------------------------------------------------
+# train(): validation before anything is written, resume / extend / already-complete, signals, fallback.
+
+
+class SetupError(ValueError):
+    """The config passed every check, but building model/data/algorithm from it failed (nothing written)."""
+
+
+class ResumeError(IncompatibleRunError):
+    """Resuming would silently change the run's schedule (or --extend cannot extend it); nothing was touched."""
+
+
+def _say(message: str) -> None:
+    """A status line for the person running the job (stderr, so stdout keeps only the result tables)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _validate_runtime(cfg: Config) -> None:
+    """Checks that need jax or the model code (the rest is done when the Config is made); ConfigError."""
+    try:
+        build_model(cfg.model, None, **cfg.model_kwargs)
+    except TypeError as e:
+        raise ConfigError("model_kwargs", cfg.model_kwargs, f"constructor arguments of model {cfg.model}",
+                          str(e).split("\n")[0]) from None
+    if cfg.mode != "single":
+        n_dev = jax.local_device_count() if cfg.mode == "pmap" else jax.device_count()
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(cfg, name) % n_dev:
+                raise ConfigError(name, getattr(cfg, name), f"a multiple of the {n_dev} devices of --mode {cfg.mode}")
+
+
+def _plain_config(cfg: Config) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def _changes(saved: dict[str, Any], now: dict[str, Any], names: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+    """{field: (checkpoint value, run value)} for the fields of ``names`` that differ (fields the checkpoint's
+    record lacks, from older versions, are not compared)."""
+    return {k: (saved[k], now[k]) for k in names if k in saved and saved[k] != now[k]}
+
+
+def _describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{flag_name(k)} {show_value(a)} -> {show_value(b)}" for k, (a, b) in changes.items())
+
+
+def _check_resumable(meta: dict[str, Any], cfg_dict: dict[str, Any], where: Path, extend: bool
+                     ) -> dict[str, tuple[Any, Any]]:
+    """Raise if the run may not resume from a checkpoint with this record; return the schedule changes."""
+    saved = meta.get("config")
+    if not isinstance(saved, dict):  # very old record: only the fingerprint
+        saved = meta.get("fingerprint", {})
+    identity = _changes(saved, cfg_dict, IDENTITY_FIELDS)
+    if identity:
+        raise IncompatibleRunError(
+            f"checkpoint {where} was written by an incompatible run ({_describe(identity)}); these fields cannot "
+            f"change on resume, not even with --extend. Nothing was touched: use a new --workdir, or the "
+            f"checkpoint's values.")
+    schedule = _changes(saved, cfg_dict, SCHEDULE_FIELDS)
+    if schedule and not extend:
+        raise ResumeError(
+            f"the run in {where.parent.parent} (checkpoint {where}) has another schedule ({_describe(schedule)}); "
+            f"pass --extend to continue it under the new one (lr schedule and t_end recomputed for the new total, "
+            f"from step {meta.get('step', where.name)}), or use a new --workdir. Nothing was touched.")
+    return schedule
+
+
+def _move_aside(path: Path, workdir: Path) -> Path:
+    """Move a damaged checkpoint out of the manager's folder (never delete it): workdir/damaged-checkpoints/."""
+    dest_dir = workdir.absolute() / "damaged-checkpoints"
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest, k = dest_dir / path.name, 1
+    while dest.exists():
+        dest, k = dest_dir / f"{path.name}-{k}", k + 1
+    shutil.move(str(path), str(dest))
+    return dest
+
+
+class _StopOnSignal:
+    """Inside the block, SIGINT/SIGTERM only set ``signum``: the loop finishes its step, checkpoints and
+    returns. A second SIGINT raises KeyboardInterrupt at once (abort without saving). The previous handlers
+    are restored on exit. Outside the main thread (where handlers cannot be set) nothing changes."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def train(cfg: Config, extend: bool = False) -> RunResult:
+    """Run, resume or extend the training described by ``cfg``; returns the summary and final state.
+
+    Nothing is written before every check passed: config values (ConfigError), data (DataError), the
+    workdir's checkpoints against ``cfg`` (IncompatibleRunError / ResumeError / CheckpointError). A workdir
+    whose run already finished with this config is reported as already complete and left untouched
+    (``status="already_complete"``, ``state=None``). Schedule fields (steps/epochs, lr schedule, delta_t,
+    t_end_frac, alpha) may differ from the checkpoint's only with ``extend=True``: the run then continues from
+    its checkpoint to the new total, with the lr schedule and t_end recomputed for the new config (as if it had
+    been the config from the start; optimizer state, masks and data position carry over). A damaged newest
+    checkpoint is skipped for the newest intact one, with a warning, and moved to ``damaged-checkpoints/``.
+    SIGINT/SIGTERM during the loop: the current step finishes, a checkpoint is written, ``status="interrupted"``.
+    """
     t_start = time.time()
     workdir = Path(cfg.workdir) if cfg.workdir else default_workdir(cfg)
-    workdir.mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError("workdir", str(workdir), "a new or empty folder, or an earlier run's", "it is a file")
+    if workdir.is_dir() and not any((workdir / n).exists() for n in RUN_FILES):
+        others = sorted(p.name for p in workdir.iterdir())
+        if others:  # never write run files into a folder of the user's other files
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise ConfigError("workdir", str(workdir), "a new or empty folder, or an earlier run's",
+                              f"it holds other files ({shown}) and no run")
+    _validate_runtime(cfg)
+    cfg_dict = _plain_config(cfg)
+    ckpt_dir = workdir / "checkpoints"
+    ckpt = Checkpointer(ckpt_dir, keep_last=cfg.keep_checkpoints) if ckpt_dir.is_dir() else None
+    try:
+        return _train(cfg, extend, workdir, cfg_dict, ckpt, t_start)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkpointer | None,
+           t_start: float) -> RunResult:
+    # 1. What the workdir holds (read only).
+    readable, skipped = [], []  # [(step, meta)] newest first; [(step, reason)]
+    for s in sorted(ckpt.all_steps() if ckpt else [], reverse=True):
+        try:
+            readable.append((s, ckpt.read_meta(s)))
+        except CheckpointError as e:
+            skipped.append((s, str(e)))
+    if skipped and not readable:
+        raise CheckpointError(f"no usable checkpoint in {ckpt.directory}: " + " ".join(r for _, r in skipped) +
+                              f" Nothing was touched; move {workdir} away or pass a different --workdir.")
+    schedule_changes: dict[str, tuple[Any, Any]] = {}
+    if readable:
+        newest, meta = readable[0]
+        schedule_changes = _check_resumable(meta, cfg_dict, ckpt.step_dir(newest), extend)
+        summary_file = workdir / "summary.json"
+        if not schedule_changes and summary_file.is_file():
+            try:
+                stored = json.loads(summary_file.read_text())
+            except ValueError:
+                stored = {}
+            if stored.get("steps") == newest and stored.get("finished"):
+                return RunResult(stored, None, status="already_complete", checkpoint=ckpt.step_dir(newest))
+            if stored.get("steps") == newest and cfg.stop_after is not None and newest >= cfg.stop_after:
+                # the same --stop-after again: already stopped there, nothing to do either
+                return RunResult(stored, None, status="stopped", checkpoint=ckpt.step_dir(newest))
+
+    # 2. Build (data, model, algorithm, optimizer, initial state): still nothing written.
+    try:
+        run = build_run(cfg)
+    except (ValueError, TypeError) as e:  # a combination the checks above do not know (e.g. model vs input)
+        if isinstance(e, ConfigError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SetupError(f"cannot build this run from its flags ({type(e).__name__}: {first}); nothing was "
+                         f"written. Check --model/--model-kwargs against --dataset.") from e
     bundle, iterator, total_steps, algo, tx, plans, schedule = (run.bundle, run.iterator, run.total_steps,
                                                                run.algo, run.tx, run.plans, run.schedule)
     state = run.state
 
-    cfg_dict = dataclasses.asdict(cfg)
-    fingerprint = config_fingerprint(cfg_dict)
-    ckpt = Checkpointer(workdir / "checkpoints", keep_last=cfg.keep_checkpoints)
-    best = {"accuracy": None, "step": None}
-    resume_step = ckpt.latest_step()
+    # 3. Restore the newest intact checkpoint (older ones if the newest are damaged).
+    resume_step, meta = None, {}
+    for s, m in readable:
+        changes = _check_resumable(m, cfg_dict, ckpt.step_dir(s), extend)
+        if s >= total_steps and changes:
+            raise ResumeError(
+                f"--extend: the run in {workdir} is at step {s}, and the new schedule ends at step {total_steps}; "
+                f"give a larger --steps/--epochs to extend it. Nothing was touched.")
+        try:
+            state, meta = ckpt.restore(state, s)
+        except IncompatibleRunError:
+            raise
+        except CheckpointError as e:
+            skipped.append((s, str(e).replace(" " + ckpt._hint(), "")))
+            continue
+        resume_step, schedule_changes = s, changes
+        break
+    if readable and resume_step is None:
+        raise CheckpointError(f"no usable checkpoint in {ckpt.directory}: " + " ".join(r for _, r in skipped) +
+                              f" Nothing was touched; move {workdir} away or pass a different --workdir.")
+
+    # 4. From here on the run writes: move damaged checkpoints aside (never deleted), create the workdir.
+    for s, reason in sorted(skipped, reverse=True):
+        dest = _move_aside(ckpt.step_dir(s), workdir)
+        _say(f"warning: {reason.rstrip('.')}; skipped it and moved it to {dest} (nothing deleted).")
+    if skipped:  # the manager caches its step list
+        ckpt.close()
+        ckpt = None
     if resume_step is not None:
-        state, meta = ckpt.restore(state, resume_step, fingerprint)
         iterator.restore(meta["data_position"])
-        best = meta.get("best", best)
-    (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2, default=str))
+        where = (workdir / "checkpoints" / str(resume_step)).absolute()
+        _say(f"resuming from step {resume_step} of {total_steps} (checkpoint {where})"
+             + (f"; --extend: {_describe(schedule_changes)}" if schedule_changes else ""))
+    workdir.mkdir(parents=True, exist_ok=True)
+    own_ckpt = ckpt is None
+    if own_ckpt:
+        ckpt = Checkpointer(workdir / "checkpoints", keep_last=cfg.keep_checkpoints)
+    try:
+        return _run_loop(cfg, workdir, cfg_dict, ckpt, run, state, meta, resume_step, schedule_changes, t_start)
+    finally:
+        if own_ckpt:
+            ckpt.close()
+
+
+def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkpointer, run: RunSetup,
+              state: TrainState, meta: dict[str, Any], resume_step: int | None,
+              schedule_changes: dict[str, tuple[Any, Any]], t_start: float) -> RunResult:
+    bundle, iterator, total_steps, algo, tx, plans, schedule = (run.bundle, run.iterator, run.total_steps,
+                                                               run.algo, run.tx, run.plans, run.schedule)
+    fingerprint = config_fingerprint(cfg_dict)
+    best = meta.get("best", {"accuracy": None, "step": None})
+    seconds_before = float(meta.get("train_seconds", 0.0))
+    extensions = list(meta.get("extensions", []))
+    if schedule_changes:
+        extensions.append({"at_step": resume_step, "changed": {k: list(v) for k, v in schedule_changes.items()}})
+    (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
     log = report.MetricsLog(workdir / "metrics.jsonl", resume_step)
 
     state = put_state(state, cfg.mode)
@@ -219,70 +449,88 @@ def train(cfg: Config) -> RunResult:
         return m
 
     start = int(jax.device_get(get_state(state, cfg.mode).step))
-    end = total_steps if cfg.stop_after is None else min(total_steps, cfg.stop_after)
+    end = total_steps if cfg.stop_after is None else max(start, min(total_steps, cfg.stop_after))
     bad_steps = jnp.zeros((), jnp.int32)  # device counter: no host sync per step
     last_good_ckpt = resume_step
     last = {}
+    interrupted = None
     bar = tqdm(total=end, initial=start, desc=f"{cfg.name} {cfg.method}", unit="step",
                disable=not cfg.progress, dynamic_ncols=True)
-    for step in range(start + 1, end + 1):
-        batch = shard_batch(next(iterator), cfg.mode)
-        state, metrics = step_fn(state, batch)
-        bad_steps = bad_steps + metrics["nonfinite"]
-        bar.update(1)
-        do_eval = step % cfg.eval_every == 0 or step == end
-        do_ckpt = do_eval or step % cfg.ckpt_every == 0 or step == end
-        if not (do_eval or do_ckpt or step % cfg.log_every == 0):
-            continue
-        host_metrics, n_bad = jax.device_get((metrics, bad_steps))
-        host_state = get_state(state, cfg.mode)
-        sparsity = mask_metrics(host_state)
-        record = {"step": step, "epoch": step / iterator.batches_per_epoch, "lr": float(schedule(step - 1)),
-                  "loss": float(host_metrics["loss"]), "train_accuracy": float(host_metrics["accuracy"]),
-                  "global_sparsity": sparsity["global_sparsity"],
-                  "active_neuron_fraction": sparsity["active_neuron_fraction"],
-                  "itop_rate": sparsity["itop_rate"], "nonfinite_steps": int(n_bad)}
-        if n_bad or not np.isfinite(record["loss"]):
+    with _StopOnSignal() as stop:
+        for step in range(start + 1, end + 1):
+            batch = shard_batch(next(iterator), cfg.mode)
+            state, metrics = step_fn(state, batch)
+            bad_steps = bad_steps + metrics["nonfinite"]
+            bar.update(1)
+            interrupted = stop.signum
+            do_eval = step % cfg.eval_every == 0 or step == end
+            do_ckpt = do_eval or step % cfg.ckpt_every == 0 or step == end or interrupted is not None
+            if not (do_eval or do_ckpt or step % cfg.log_every == 0):
+                continue
+            host_metrics, n_bad = jax.device_get((metrics, bad_steps))
+            host_state = get_state(state, cfg.mode)
+            sparsity = mask_metrics(host_state)
+            record = {"step": step, "epoch": step / iterator.batches_per_epoch, "lr": float(schedule(step - 1)),
+                      "loss": float(host_metrics["loss"]), "train_accuracy": float(host_metrics["accuracy"]),
+                      "global_sparsity": sparsity["global_sparsity"],
+                      "active_neuron_fraction": sparsity["active_neuron_fraction"],
+                      "itop_rate": sparsity["itop_rate"], "nonfinite_steps": int(n_bad)}
+            if n_bad or not np.isfinite(record["loss"]):
+                log.write(record)
+                bar.close()
+                where = f"step {last_good_ckpt} in {ckpt.directory}" if last_good_ckpt is not None else "none saved"
+                raise NonFiniteError(
+                    f"NaN/Inf in the loss or gradients: {int(n_bad)} step(s) between step {start} and {step} were "
+                    f"non-finite (loss now {record['loss']}); stopped instead of training on garbage. Last good "
+                    f"checkpoint: {where}. Try a lower --lr or gradient clipping (--grad-clip-norm).")
+            if do_eval:
+                record.update(evaluate(eval_fn, state, bundle.test, cfg, bundle))
+                record["layers"] = layer_stats(sparsity, plans)
+                if best["accuracy"] is None or record["test_accuracy"] > best["accuracy"]:
+                    best = {"accuracy": record["test_accuracy"], "step": step}
             log.write(record)
-            bar.close()
-            where = f"step {last_good_ckpt} in {ckpt.directory}" if last_good_ckpt is not None else "none saved"
-            raise NonFiniteError(
-                f"NaN/Inf in the loss or gradients: {int(n_bad)} step(s) between step {start} and {step} were "
-                f"non-finite (loss now {record['loss']}); stopped instead of training on garbage. Last good "
-                f"checkpoint: {where}. Try a lower --lr or gradient clipping (--grad_clip_norm).")
-        if do_eval:
-            record.update(evaluate(eval_fn, state, bundle.test, cfg, bundle))
-            record["layers"] = layer_stats(sparsity, plans)
-            if best["accuracy"] is None or record["test_accuracy"] > best["accuracy"]:
-                best = {"accuracy": record["test_accuracy"], "step": step}
-        log.write(record)
-        last = record
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
-                        **({"test": f"{record['test_accuracy']:.3f}"} if do_eval else {}))
-        if do_ckpt:
-            meta = {"data_position": iterator.position(), "fingerprint": fingerprint, "best": best,
-                    "config": json.loads(json.dumps(cfg_dict, default=str))}
-            ckpt.save(step, host_state, meta, accuracy=record.get("test_accuracy"))
-            last_good_ckpt = step
+            last = record
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_accuracy']:.3f}",
+                            **({"test": f"{record['test_accuracy']:.3f}"} if do_eval else {}))
+            if do_ckpt:
+                meta = {"step": step, "total_steps": total_steps, "data_position": iterator.position(),
+                        "fingerprint": fingerprint, "best": best, "config": cfg_dict,
+                        "train_seconds": round(seconds_before + time.time() - t_start, 1),
+                        "extensions": extensions}
+                ckpt.save(step, host_state, meta, accuracy=record.get("test_accuracy"))
+                last_good_ckpt = step
+            if interrupted is not None:
+                break
     bar.close()
 
     final_state = jax.device_get(get_state(state, cfg.mode))
+    steps_done = int(final_state.step)
+    if interrupted is not None and steps_done < end:  # (at the last step the run simply finishes)
+        summary = {"config": cfg.name, "method": cfg.method, "steps": steps_done, "total_steps": total_steps,
+                   "finished": False, "interrupted": signal.Signals(interrupted).name,
+                   "checkpoint": str(ckpt.step_dir(steps_done)), "workdir": str(workdir)}
+        return RunResult(summary, final_state, status="interrupted", signal=interrupted,
+                         checkpoint=ckpt.step_dir(steps_done))
     if not last or "test_accuracy" not in last:  # resumed at the end (or no steps): evaluate once
         last = {"step": start, **evaluate(eval_fn, state, bundle.test, cfg, bundle)}
         sparsity = mask_metrics(final_state)
         last.update(global_sparsity=sparsity["global_sparsity"],
                     active_neuron_fraction=sparsity["active_neuron_fraction"], itop_rate=sparsity["itop_rate"],
                     layers=layer_stats(sparsity, plans))
+    finished = steps_done == total_steps
     summary = {"config": cfg.name, "method": cfg.method, "sparsity": cfg.sparsity, "seed": cfg.seed,
-               "steps": int(final_state.step), "total_steps": total_steps, "finished": end == total_steps,
+               "steps": steps_done, "total_steps": total_steps, "finished": finished,
                "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
                "best_accuracy": best["accuracy"], "best_step": best["step"],
                "global_sparsity": float(last["global_sparsity"]),
                "active_neuron_fraction": float(last["active_neuron_fraction"]),
-               "itop_rate": float(last["itop_rate"]), "train_seconds": round(time.time() - t_start, 1),
+               "itop_rate": float(last["itop_rate"]),
+               "train_seconds": round(seconds_before + time.time() - t_start, 1),
                "workdir": str(workdir), "layers": last["layers"]}
+    if extensions:
+        summary["extensions"] = extensions
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     report.plot_metrics(report.read_metrics(workdir / "metrics.jsonl"), workdir / "training.png",
                         title=f"{cfg.name} {cfg.method} S={cfg.sparsity:g} seed {cfg.seed}")
-    ckpt.close()
-    return RunResult(summary, final_state)
+    return RunResult(summary, final_state, status="finished" if finished else "stopped",
+                     checkpoint=ckpt.step_dir(steps_done) if ckpt.step_dir(steps_done).is_dir() else None)

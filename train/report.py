@@ -66,11 +66,12 @@ def summary_text(summary: dict[str, Any]) -> str:
             ("steps", "steps"), ("test accuracy", "test_accuracy"), ("best test accuracy", "best_accuracy"),
             ("test loss", "test_loss"), ("global sparsity", "global_sparsity"),
             ("active neuron fraction", "active_neuron_fraction"), ("ITOP rate", "itop_rate"),
-            ("train time (s)", "train_seconds"), ("workdir", "workdir")]
+            ("train time (s, all sessions)", "train_seconds"), ("workdir", "workdir")]
     rows = [("metric", "value")]
     for label, k in keys:
         v = summary.get(k)
-        rows.append((label, f"{v:.4f}" if isinstance(v, float) else v))
+        rows.append((label, f"{v:.1f}" if k == "train_seconds" and isinstance(v, float) else
+                     f"{v:.4f}" if isinstance(v, float) else v))
     out = format_table(rows)
     if summary.get("layers"):
         out += "\n\n" + layer_table(summary["layers"])

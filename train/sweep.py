@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.configs import METHODS, get_config
+from train.configs import METHODS, ConfigError, get_config, parse_field
 from train.report import format_table
 
 
@@ -32,7 +32,11 @@ def run_grid(config: str, methods: list[str], sparsities: list[float], seeds: li
                     cfg = get_config(config, method=method, sparsity=sparsity, seed=seed, workdir=str(workdir),
                                      progress=False, **overrides)
                     print(f"== {method} S={sparsity:g} seed={seed}", flush=True)
-                    train(cfg)
+                    result = train(cfg)
+                    if result.status == "interrupted":  # checkpointed; re-running the sweep resumes this run
+                        print(f"interrupted at step {result.summary['steps']} of {workdir}; run the same sweep "
+                              f"command to resume.", flush=True)
+                        raise SystemExit(128 + result.signal)
                 summary = json.loads(done.read_text())
                 print(f"   test acc {summary['test_accuracy']:.4f}  active neurons "
                       f"{summary['active_neuron_fraction']:.3f}  ({summary['train_seconds']} s)", flush=True)
@@ -68,6 +72,13 @@ def _split(line: str, rows) -> list[str]:
     return cells
 
 
+def _gamma(text: str):
+    try:
+        return parse_field("gamma_sal", text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__)
     p.add_argument("--config", default="mnist_mlp")
@@ -75,11 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.99])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--gamma-sal", type=float, default=None, help="override gamma_sal (SRigL ablation threshold)")
+    p.add_argument("--gamma-sal", type=_gamma, default="keep",
+                   help="override gamma_sal (SRigL ablation threshold; none: no ablation; default: the config's)")
     p.add_argument("--out", default="runs/sweep")
     args = p.parse_args(argv)
     out = Path(args.out)
-    overrides = {k: v for k, v in (("steps", args.steps), ("gamma_sal", args.gamma_sal)) if v is not None}
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    if args.gamma_sal != "keep":
+        overrides["gamma_sal"] = args.gamma_sal
     from train.testing import persistent_compile_cache
     with persistent_compile_cache(out / "jax_cache"):  # seeds of one setting share the compiled step
         summaries = run_grid(args.config, args.methods, args.sparsities, args.seeds, out, **overrides)
