@@ -8,7 +8,6 @@ import numbers
 import re
 from typing import Any, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

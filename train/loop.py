@@ -373,9 +373,7 @@ def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], c
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SetupError(f"cannot build this run from its flags ({type(e).__name__}: {first}); nothing was "
                          f"written. Check --model/--model-kwargs against --dataset.") from e
-    bundle, iterator, total_steps, algo, tx, plans, schedule = (run.bundle, run.iterator, run.total_steps,
-                                                               run.algo, run.tx, run.plans, run.schedule)
-    state = run.state
+    iterator, total_steps, state = run.iterator, run.total_steps, run.state
 
     # 3. Restore the newest intact checkpoint (older ones if the newest are damaged).
     resume_step, meta = None, {}
@@ -424,8 +422,8 @@ def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], c
 def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkpointer, run: RunSetup,
               state: TrainState, meta: dict[str, Any], resume_step: int | None,
               schedule_changes: dict[str, tuple[Any, Any]], t_start: float) -> RunResult:
-    bundle, iterator, total_steps, algo, tx, plans, schedule = (run.bundle, run.iterator, run.total_steps,
-                                                               run.algo, run.tx, run.plans, run.schedule)
+    bundle, iterator, total_steps, tx, plans, schedule = (run.bundle, run.iterator, run.total_steps, run.tx,
+                                                         run.plans, run.schedule)
     fingerprint = config_fingerprint(cfg_dict)
     best = meta.get("best", {"accuracy": None, "step": None})
     seconds_before = float(meta.get("train_seconds", 0.0))
