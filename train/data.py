@@ -766,8 +766,26 @@ def load_data(dataset: str, data_dir: str | None = None, cache_dir: str | None =
     raise ValueError(f"unknown dataset {dataset!r}; known: mnist, cifar10, imagenet2012")
 
 
+def input_throughput(data_dir: str | os.PathLike | None, image_size: int = 224, batch_size: int = 128,
+                     batches: int = 5, num_workers: int = 0, train: bool = True) -> dict[str, float]:
+    """Images/s of the ImageNet input pipeline (read, JPEG decode, crop/resize, flip, normalise), measured over
+    ``batches`` batches after one warm-up batch, with prefetching off (the pipeline's own rate)."""
+    import time
+    train_records, val_records = load_imagenet_sources(data_dir)
+    source = RecordSource(train_records if train else val_records, image_size, train, num_workers, prefetch=0)
+    it = BatchIterator(source, min(batch_size, len(source)), 0, IMAGENET_MEAN, IMAGENET_STD)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": batches * it.batch_size / seconds, "batch_size": it.batch_size,
+            "workers": source._pool._max_workers, "image_size": image_size, "cpus": os.cpu_count() or 0}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m train.data prepare-imagenet --manual-dir DIR --data-dir DIR`` | ``where [--data-dir DIR]``."""
+    """``python -m train.data prepare-imagenet --manual-dir DIR --data-dir DIR`` | ``where [--data-dir DIR]`` |
+    ``throughput --data-dir DIR [--image-size 224]``."""
     import argparse
     parser = argparse.ArgumentParser(prog="python -m train.data", description="Dataset preparation and lookup.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -776,8 +794,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep.add_argument("--data-dir", required=True, help="tfds data dir to write (then train with --data-dir)")
     where = sub.add_parser("where", help="print where each dataset is found, or why not")
     where.add_argument("--data-dir", default=None)
+    speed = sub.add_parser("throughput", help="images/s of the ImageNet input pipeline")
+    speed.add_argument("--data-dir", default=None)
+    speed.add_argument("--image-size", type=int, default=224)
+    speed.add_argument("--batch-size", type=int, default=128)
+    speed.add_argument("--batches", type=int, default=5)
+    speed.add_argument("--workers", type=int, default=0, help="decode threads (0: one per CPU)")
+    speed.add_argument("--eval", action="store_true", help="the validation transform instead of training's")
     args = parser.parse_args(argv)
     try:
+        if args.command == "throughput":
+            print(input_throughput(args.data_dir, args.image_size, args.batch_size, args.batches, args.workers,
+                                   train=not args.eval))
+            return 0
         if args.command == "prepare-imagenet":
             print(f"prepared: {prepare_imagenet2012(args.manual_dir, args.data_dir)}")
             return 0
