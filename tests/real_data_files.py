@@ -140,7 +140,8 @@ def write_tfds_cifar10(data_dir: Path, arrays: dict[str, np.ndarray]) -> Path:
                 rows = np.frombuffer(Path(path).read_bytes(), np.uint8).reshape(-1, 3073)
                 for row in rows:
                     image = row[1:].reshape(3, 32, 32).transpose(1, 2, 0)
-                    yield index, {"label": int(row[0]), "id": f"{split_prefix}{index:05d}", "image": Image.fromarray(image)}
+                    yield index, {"label": int(row[0]), "id": f"{split_prefix}{index:05d}",
+                                  "image": Image.fromarray(image)}
                     index += 1
 
     builder = LocalCifar10(data_dir=str(data_dir), file_format="array_record")

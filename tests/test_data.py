@@ -350,3 +350,20 @@ def test_imagenet_record_source_on_fake_records():
                                  data.IMAGENET_STD))
     assert [int(b["valid"].sum()) for b in val] == [4, 2]
     assert val[0]["label"].tolist() == [0, 1, 2, 3]
+
+
+def test_cli_missing_cifar_explains_formats(tmp_path, capsys):
+    """The reported case: `python -m train --config cifar10_resnet18_tiny` with no CIFAR-10 anywhere."""
+    from train.__main__ import main
+    assert main(["--config", "cifar10_resnet18_tiny", "--data-dir", str(tmp_path), "--workdir",
+                 str(tmp_path / "run"), "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    for name in ("cifar-10-python.tar.gz", "cifar-10-batches-py/", "cifar10-jpeg-q75.tar.gz", "array_record",
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(tmp_path)):
+        assert name in err, name
+
+
+def test_where_command(tmp_path, capsys):
+    assert data.main(["where", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mnist: MNIST files" in out and "cifar10: CIFAR-10 not found" in out and "imagenet2012:" in out

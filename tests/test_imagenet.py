@@ -189,7 +189,8 @@ def _worker_main(tfds_dir: str, work: str, settings_json: str, out_path: str) ->
             assert not part.summary["finished"]
         resumed = loop.train(cfg(mode, part_dir))
         results["runs"][mode] = {
-            "full": jax.device_get(full.state.replace(rng=None)), "resumed": jax.device_get(resumed.state.replace(rng=None)),
+            "full": jax.device_get(full.state.replace(rng=None)),
+            "resumed": jax.device_get(resumed.state.replace(rng=None)),
             "full_summary": full.summary, "resumed_summary": resumed.summary,
             "full_metrics": [json.loads(x) for x in Path(f"{work}/{mode}-full/metrics.jsonl").read_text().splitlines()],
             "resumed_metrics": [json.loads(x) for x in Path(f"{part_dir}/metrics.jsonl").read_text().splitlines()],

@@ -97,13 +97,6 @@ def _candidate_dirs(data_dir: str | os.PathLike | None, dataset: str) -> list[Pa
     return [Path(data_dir)] if data_dir else default_data_dirs(dataset)
 
 
-def _missing(what: str, tried: Sequence[Path]) -> DataError:
-    where = "\n  ".join(str(p) for p in tried)
-    return DataError(f"{what} not found. Looked in:\n  {where}\n"
-                     f"Put the file(s) there, or point --data-dir at the folder holding them "
-                     f"(default lookup: the repo's data/ for MNIST, then ../shared/data).")
-
-
 def md5sum(path: Path) -> str:
     """Hex md5 of a file, read in chunks."""
     digest = hashlib.md5()
@@ -810,8 +803,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "prepare-imagenet":
             print(f"prepared: {prepare_imagenet2012(args.manual_dir, args.data_dir)}")
             return 0
-        for name, find in (("mnist", find_mnist_dir), ("cifar10", find_cifar10),
-                           ("imagenet2012", lambda d: load_imagenet_sources(d) and "found")):
+        def imagenet(d):
+            train, val = load_imagenet_sources(d)
+            return f"{len(train)} train / {len(val)} validation records"
+
+        for name, find in (("mnist", find_mnist_dir), ("cifar10", lambda d: "{} ({})".format(*find_cifar10(d)[::-1])),
+                           ("imagenet2012", imagenet)):
             try:
                 print(f"{name}: {find(args.data_dir)}")
             except DataError as e:
