@@ -186,6 +186,13 @@ def test_cifar_tfds_preparation(tmp_path, real_sample):
                                                                       real_sample[f"{split}_labels"]))
         assert got == want
     assert len(list((tmp_path / "cache").glob("cifar10_tfds_*.npy"))) == 4  # decoded once, then cached
+    # a tfrecord preparation (tfds's default) cannot be read by data_source: skipped, and the message says so
+    shutil.rmtree(tmp_path / "cifar10")
+    info = tmp_path / "cifar10" / "3.0.2" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text('{"name": "cifar10", "fileFormat": "tfrecord"}')
+    with pytest.raises(data.DataError, match="(?s)Skipped .*3.0.2: a tfds preparation not in array_record"):
+        data.find_cifar10(tmp_path)
 
 
 def test_cifar_lookup_order(tmp_path, real_sample):

@@ -169,11 +169,21 @@ def load_mnist(data_dir: str | os.PathLike | None = None, check_md5: bool = True
 
 # --------------------------------------------------------------------------------------------------- CIFAR-10
 
-def _tfds_prepared_versions(folder: Path) -> list[Path]:
-    """``folder/<version>/`` subfolders holding a tfds ``dataset_info.json``."""
+def _tfds_prepared_versions(folder: Path, array_record: bool = True) -> list[Path]:
+    """``folder/<version>/`` subfolders holding a tfds ``dataset_info.json`` whose file format is array_record
+    (``array_record=False``: the other ones, e.g. tfds's default tfrecord, which data_source cannot read)."""
+    import json
     if not folder.is_dir():
         return []
-    return sorted(p.parent for p in folder.glob("*/dataset_info.json"))
+    found = []
+    for info in sorted(folder.glob("*/dataset_info.json")):
+        try:
+            fmt = json.loads(info.read_text()).get("fileFormat", "tfrecord")
+        except (OSError, ValueError):
+            fmt = "unreadable"
+        if (fmt == "array_record") == array_record:
+            found.append(info.parent)
+    return found
 
 
 def find_cifar10(data_dir: str | os.PathLike | None = None) -> tuple[str, Path]:
@@ -195,9 +205,12 @@ def find_cifar10(data_dir: str | os.PathLike | None = None) -> tuple[str, Path]:
             return "jpeg", base / CIFAR10_JPEG_TARBALL
     formats = "\n".join(f"  {name:<25} {what}" for name, what in CIFAR10_FORMATS)
     where = "\n  ".join(str(p) for p in tried)
+    skipped = [p for base in tried for p in _tfds_prepared_versions(base / "cifar10", array_record=False)]
+    note = "".join(f"Skipped {p}: a tfds preparation not in array_record format (rebuild it with "
+                   f"--file_format array_record).\n" for p in skipped)
     raise DataError(
         f"CIFAR-10 not found. Any one of these works (the first found is used; within a folder, in this order):\n"
-        f"{formats}\nLooked in these folders (in order):\n  {where}\n"
+        f"{formats}\nLooked in these folders (in order):\n  {where}\n{note}"
         f"Point --data-dir at the folder that holds one of them, e.g. --data-dir ~/datasets when "
         f"~/datasets/{CIFAR10_PY_TARBALL} exists.")
 
