@@ -1,15 +1,25 @@
-"""Data: MNIST/CIFAR loaders (real files, md5, corrupt/missing errors), resumable iterator, augmentation."""
+"""Data: MNIST/CIFAR loaders (real files, md5, corrupt/missing errors), resumable iterator, augmentation.
+
+The CIFAR-10 readers are tested on files written here in each format (python batches folder and tarball, a tfds
+array_record preparation by tfds's own builder) from real images: a sample of the shipped JPEG tarball.
+"""
 import io
+import os
+import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests import real_data_files as rd
 from train import data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = rd.SHARED
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mnist_real_files_load():
@@ -84,15 +94,173 @@ def test_cifar_decode_and_cache(tmp_path):
     np.testing.assert_array_equal(again.train_images, ds.train_images)
 
 
-def test_cifar_missing_and_corrupt(tmp_path):
-    with pytest.raises(data.DataError, match="cifar10-jpeg-q75.tar.gz.*not found"):
+def test_cifar_missing_says_which_files_work_and_where(tmp_path):
+    with pytest.raises(data.DataError) as err:
         data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+    msg = str(err.value)
+    for name in ("cifar-10-batches-py/", "cifar-10-python.tar.gz", "cifar10/<version>/", "cifar10-jpeg-q75.tar.gz",
+                 "data_batch_1..5", "test_batch", "array_record", "--data-dir", str(tmp_path)):
+        assert name in msg, name
+
+
+def test_cifar_missing_lists_default_folders(tmp_path, monkeypatch):
+    folders = [tmp_path / "first", tmp_path / "second"]
+    monkeypatch.setattr(data, "default_data_dirs", lambda dataset: folders)
+    with pytest.raises(data.DataError) as err:
+        data.find_cifar10(None)
+    msg = str(err.value)
+    assert msg.index(str(folders[0])) < msg.index(str(folders[1]))
+
+
+def test_cifar_corrupt_jpeg_tarball(tmp_path):
     good = tmp_path / "good.tar.gz"
     _fake_cifar_tarball(good)
     (tmp_path / data.CIFAR10_TARBALL).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(data.DataError, match="corrupt"):
         data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.npy"))
+
+
+@pytest.fixture(scope="module")
+def real_sample():
+    if rd.shipped_tarball() is None:
+        pytest.skip("shipped CIFAR-10 JPEG tarball not in ../shared/data")
+    return rd._shuffled(rd.shipped_cifar_sample(30, 10))  # 300 train / 100 test real images, classes mixed
+
+
+def _assert_same_arrays(ds, arrays):
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(ds, f"{split}_images"), arrays[f"{split}_images"])
+        np.testing.assert_array_equal(getattr(ds, f"{split}_labels"), arrays[f"{split}_labels"])
+        assert getattr(ds, f"{split}_images").dtype == np.uint8 and getattr(ds, f"{split}_labels").dtype == np.int32
+
+
+def test_cifar_python_batches_folder(tmp_path, real_sample):
+    rd.write_cifar_python_folder(tmp_path, real_sample)
+    assert data.find_cifar10(tmp_path) == ("batches", tmp_path / "cifar-10-batches-py")
+    ds = data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+    _assert_same_arrays(ds, real_sample)  # pixel-exact, batch order kept (data_batch_1..5, then test_batch)
+    assert "python batches" in ds.source and not (tmp_path / "cache").exists()  # read directly, no cache
+
+
+def test_cifar_python_tarball(tmp_path, real_sample):
+    rd.write_cifar_python_tarball(tmp_path / "cifar-10-python.tar.gz", real_sample)
+    assert data.find_cifar10(tmp_path) == ("python_tarball", tmp_path / "cifar-10-python.tar.gz")
+    _assert_same_arrays(data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache"), real_sample)
+    # through the public entry point the loop uses, with a train subset
+    bundle = data.load_data("cifar10", str(tmp_path), str(tmp_path / "cache"), train_subset=100)
+    assert len(bundle.train) == 100 and len(bundle.test) == 100 and bundle.input_shape == (32, 32, 3)
+
+
+def test_cifar_python_batches_errors(tmp_path, real_sample):
+    folder = rd.write_cifar_python_folder(tmp_path, real_sample)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(data.DataError, match="lacks data_batch_3"):
+        data.load_cifar10(tmp_path)
+    (folder / "data_batch_3").write_bytes((folder / "data_batch_2").read_bytes()[:500])  # truncated
+    with pytest.raises(data.DataError, match="data_batch_3.*not a readable CIFAR-10 python batch"):
+        data.load_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (folder / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(data.DataError, match="refusing to load"):  # no arbitrary code from a data file
+        data.load_cifar10(tmp_path)
+    shutil.rmtree(folder)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(data.DataError, match="corrupt or unreadable"):
+        data.load_cifar10(tmp_path)
+
+
+def test_cifar_tfds_preparation(tmp_path, real_sample):
+    pytest.importorskip("tensorflow_datasets")
+    rd.write_tfds_cifar10(tmp_path, real_sample)
+    assert data.find_cifar10(tmp_path) == ("tfds", tmp_path)
+    ds = data.load_cifar10(tmp_path, cache_dir=tmp_path / "cache")
+    for split in ("train", "test"):  # tfds shuffles at write time: same (image, label) pairs, tfds's order
+        got = sorted((img.tobytes(), int(lab)) for img, lab in zip(getattr(ds, f"{split}_images"),
+                                                                      getattr(ds, f"{split}_labels")))
+        want = sorted((img.tobytes(), int(lab)) for img, lab in zip(real_sample[f"{split}_images"],
+                                                                      real_sample[f"{split}_labels"]))
+        assert got == want
+    assert len(list((tmp_path / "cache").glob("cifar10_tfds_*.npy"))) == 4  # decoded once, then cached
+    # a tfrecord preparation (tfds's default) cannot be read by data_source: skipped, and the message says so
+    shutil.rmtree(tmp_path / "cifar10")
+    info = tmp_path / "cifar10" / "3.0.2" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text('{"name": "cifar10", "fileFormat": "tfrecord"}')
+    with pytest.raises(data.DataError, match="(?s)Skipped .*3.0.2: a tfds preparation not in array_record"):
+        data.find_cifar10(tmp_path)
+
+
+def test_cifar_lookup_order(tmp_path, real_sample):
+    """Within a folder: batches folder, python tarball, tfds, JPEG tarball; folders in the given order."""
+    _fake_cifar_tarball(tmp_path / data.CIFAR10_JPEG_TARBALL, per_class=1)
+    assert data.find_cifar10(tmp_path)[0] == "jpeg"
+    rd.write_cifar_python_tarball(tmp_path / data.CIFAR10_PY_TARBALL, real_sample)
+    assert data.find_cifar10(tmp_path)[0] == "python_tarball"
+    rd.write_cifar_python_folder(tmp_path, real_sample)
+    assert data.find_cifar10(tmp_path)[0] == "batches"
+    assert data.find_cifar10_tarball(tmp_path) == tmp_path / data.CIFAR10_BATCHES_DIR  # old name, same lookup
+
+
+def test_mnist_lookup_from_another_cwd(tmp_path, monkeypatch):
+    """A non-editable install has no repo around the package: MNIST comes from the installed data files
+    (<prefix>/share/srigl-jax/data/mnist), else ./data, else the error says how to pass --data-dir."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "REPO_ROOT", tmp_path / "site-packages")  # where an installed package lives
+    monkeypatch.setattr(data, "installed_data_dirs", lambda: [tmp_path / "prefix" / data.INSTALLED_DATA_SUBDIR])
+    with pytest.raises(data.DataError) as err:
+        data.find_mnist_dir()
+    msg = str(err.value)
+    assert "--data-dir" in msg and "data/mnist" in msg and str(tmp_path / "prefix" / data.INSTALLED_DATA_SUBDIR) in msg
+    installed = tmp_path / "prefix" / data.INSTALLED_DATA_SUBDIR / "mnist"
+    shutil.copytree(REPO / "data" / "mnist", installed)
+    assert data.find_mnist_dir() == installed
+    assert data.load_mnist().train_images.shape == (60000, 28, 28, 1)
+    shutil.rmtree(installed)
+    shutil.copytree(REPO / "data" / "mnist", tmp_path / "data" / "mnist")  # ./data/mnist in the cwd
+    assert data.find_mnist_dir() == (tmp_path / "data" / "mnist").resolve()
+
+
+def test_mnist_default_lookup_from_another_cwd_subprocess(tmp_path):
+    """`python -c` from an unrelated cwd with the package imported from the repo: the default job's data is found."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", "from train import data; print(data.find_mnist_dir())"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == (REPO / "data" / "mnist").resolve()
+
+
+def test_packaging_declares_mnist():
+    """pyproject's data-files install data/mnist to <prefix>/share/srigl-jax/data/mnist (where the lookup looks);
+    MANIFEST.in puts the files into an sdist."""
+    import tomllib
+    spec = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    target = (data.INSTALLED_DATA_SUBDIR / "mnist").as_posix()
+    assert list(spec) == [target]
+    declared = sorted(p.name for pattern in spec[target] for p in REPO.glob(pattern))
+    assert declared == sorted(fname for fname, _ in data.MNIST_FILES.values())
+    assert "include data/mnist/*.gz" in (REPO / "MANIFEST.in").read_text()
+
+
+def test_wheel_ships_mnist(tmp_path):
+    """The built wheel holds the four MNIST files as data (needs setuptools>=77 here: skipped otherwise)."""
+    import zipfile
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 in this environment (pyproject needs >= 77)")
+    env = dict(os.environ, SRIGL_JAX_NO_KERNEL="1")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(REPO)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    for fname, _ in data.MNIST_FILES.values():
+        assert any(n.endswith(f".data/data/share/srigl-jax/data/mnist/{fname}") for n in names), fname
+    assert "train/data.py" in names
 
 
 @pytest.mark.slow
@@ -189,3 +357,20 @@ def test_imagenet_record_source_on_fake_records():
                                  data.IMAGENET_STD))
     assert [int(b["valid"].sum()) for b in val] == [4, 2]
     assert val[0]["label"].tolist() == [0, 1, 2, 3]
+
+
+def test_cli_missing_cifar_explains_formats(tmp_path, capsys):
+    """The reported case: `python -m train --config cifar10_resnet18_tiny` with no CIFAR-10 anywhere."""
+    from train.__main__ import main
+    assert main(["--config", "cifar10_resnet18_tiny", "--data-dir", str(tmp_path), "--workdir",
+                 str(tmp_path / "run"), "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    for name in ("cifar-10-python.tar.gz", "cifar-10-batches-py/", "cifar10-jpeg-q75.tar.gz", "array_record",
+                 "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(tmp_path)):
+        assert name in err, name
+
+
+def test_where_command(tmp_path, capsys):
+    assert data.main(["where", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mnist: MNIST files" in out and "cifar10: CIFAR-10 not found" in out and "imagenet2012:" in out
