@@ -8,11 +8,13 @@ of one ``update_masks`` call on a 3072x3072 layer, amortised over delta_t steps.
     python bench/train_step.py --quick    # smoke run
     python bench/train_step.py --mask-update --baseline 5723db6   # selection A/B only (see below)
 
+``--baseline REV`` also times the mask-update step with ``srigl_jax/selection.py`` as of the git
+revision REV (loaded from git and swapped into ``layer_updates`` while tracing), interleaved.
 ``--mask-update`` times only the mask update of the 3072x3072 layer: ``update_masks`` and the three
 selections it makes (global top-n of |w| among the active weights, global top-n of |grad|, per-column
-regrowth), interleaved with the same calls using ``srigl_jax/selection.py`` as of the git revision
-``--baseline`` (loaded from git, swapped into ``layer_updates`` while tracing), and checks that both give
-identical masks.
+regrowth), interleaved with the same calls under ``--baseline``, and checks that both give identical
+masks. "new" is the ``srigl_jax`` that Python imports: with an editable install of another checkout,
+run from the repo root with ``PYTHONPATH=.`` to time this one.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def main() -> None:
     ap.add_argument("--out", default=None,
                     help="JSON results (default bench/results/train_step.json, or mask_update.json with --mask-update)")
     ap.add_argument("--mask-update", action="store_true", help="time only the 3072x3072 layer's mask update")
-    ap.add_argument("--baseline", default=None, help="with --mask-update: git revision of selection.py to compare")
+    ap.add_argument("--baseline", default=None,
+                    help="git revision of selection.py to compare with (mask-update step, or --mask-update)")
     args = ap.parse_args()
     results_dir = os.path.join(os.path.dirname(__file__), "results")
     out = args.out or os.path.join(results_dir, "mask_update.json" if args.mask_update else "train_step.json")
@@ -167,7 +170,8 @@ def main() -> None:
     if args.mask_update:
         med = mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, update_step, reps, args.baseline)
         print(f"mask update of the {width}x{width} layer, SRigL {args.sparsity:.0%}, {reps} interleaved reps, "
-              f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}; median ms:")
+              f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}; median ms; "
+              f"new = {selection.__file__}")
         for case, by_impl in med.items():
             ratio = f"   {by_impl[f'baseline {args.baseline}'] / by_impl['new']:.2f}x faster" if args.baseline else ""
             print(f"  {case:32s}" + "".join(f"  {impl} {ms:8.1f}" for impl, ms in by_impl.items()) + ratio)
@@ -182,11 +186,12 @@ def main() -> None:
         updates, opt_state = tx_dense.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    @jax.jit
-    def sparse_step(params, opt_state, masks, step):
+    def sparse_step_fn(params, opt_state, masks, step):
         grads = jax.grad(mlp_loss)(params, x, y)
         res = sj.sparse_apply(algo, tx_sparse, params, opt_state, masks, grads, key, step)
         return res.params, res.opt_state, res.masks
+
+    sparse_step = jax.jit(sparse_step_fn)
 
     dense_state = (params, tx_dense.init(params))
     sparse_state = (sparse_params, tx_sparse.init(sparse_params), masks)
@@ -200,12 +205,17 @@ def main() -> None:
     def run_sparse_update():
         jax.block_until_ready(sparse_step(*sparse_state, update_step))
 
-    for fn in (run_dense, run_sparse, run_sparse_update):  # compile + warm up
+    candidates = {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}
+    if args.baseline:  # the same update step, compiled with the baseline's selection primitives
+        baseline_step = jax.jit(lambda *a: sparse_step_fn(*a))
+        with selection_primitives(selection_at(args.baseline)):
+            jax.block_until_ready(baseline_step(*sparse_state, update_step))
+        candidates["srigl_update_step_baseline"] = lambda: jax.block_until_ready(
+            baseline_step(*sparse_state, update_step))
+    for fn in candidates.values():  # compile + warm up
         fn()
         fn()
-    med = interleaved_medians(
-        {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}, reps
-    )
+    med = interleaved_medians(candidates, reps)
 
     update = jax.jit(layer_algo.update_masks)
     run_update = lambda: jax.block_until_ready(update(layer_params, grads, layer_masks, key, update_step))
@@ -232,6 +242,11 @@ def main() -> None:
         "update_overhead_amortised": amortised,
         "delta_t": args.delta_t,
     }
+    if args.baseline:
+        result["baseline"] = args.baseline
+        result["srigl_update_step_baseline_ms"] = med["srigl_update_step_baseline"] * 1e3
+        result["update_overhead_amortised_baseline"] = (
+            (med["srigl_update_step_baseline"] - med["srigl"]) / (args.delta_t * med["srigl"]))
     print(f"MLP {sizes}, batch {batch}, SRigL {args.sparsity:.0%} ERK, {reps} interleaved reps, "
           f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}")
     print(f"  dense step             {result['dense_step_ms']:9.2f} ms")
@@ -239,6 +254,9 @@ def main() -> None:
     print(f"  SRigL mask-update step {result['srigl_update_step_ms']:9.2f} ms")
     print(f"  update_masks, {layer['kernel'].shape[0]}x{layer['kernel'].shape[1]} layer: {result['update_masks_layer_ms']:.1f} ms")
     print(f"  mask updates amortised over delta_t={args.delta_t}: {amortised:.2%} of training time (goal < 2%)")
+    if args.baseline:
+        print(f"  baseline {args.baseline}: mask-update step {result['srigl_update_step_baseline_ms']:.2f} ms, "
+              f"amortised {result['update_overhead_amortised_baseline']:.2%}")
     write_json(out, result)
 
 

@@ -225,6 +225,8 @@ def top_n_mask(score: jax.Array, eligible: jax.Array, n: jax.Array) -> jax.Array
     >>> top_n_mask(s, jnp.ones_like(s, bool), 2).astype(int).tolist()
     [[0, 1, 1], [0, 0, 0]]
     """
+    if score.size == 0:  # nothing to select (and no row to index when cutting ties)
+        return jnp.zeros(score.shape, bool)
     n = jnp.clip(jnp.asarray(n, jnp.int32), 0, jnp.sum(eligible, dtype=jnp.int32)).reshape(1)
     return _select(_as_matrix(score), _as_matrix(eligible), n, per_column=False).reshape(score.shape)
 

@@ -159,6 +159,12 @@ def test_top_n_handles_extremes_and_large_values():
     np.testing.assert_array_equal(top_n_mask(score, every, 4), [False, True, True, True, True])
 
 
+def test_empty_layers_select_nothing():
+    for shape in [(0,), (0, 3), (3, 0)]:
+        assert top_n_mask(jnp.zeros(shape), jnp.ones(shape, bool), 2).shape == shape
+    assert column_top_count_mask(jnp.zeros((0, 3)), jnp.ones((0, 3), bool), jnp.ones(3, jnp.int32)).shape == (0, 3)
+
+
 def test_top_n_traced_count_under_jit():
     score = jnp.arange(10.0)
     f = jax.jit(lambda n: top_n_mask(score, jnp.ones(10, bool), n))
