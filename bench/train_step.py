@@ -6,22 +6,35 @@ of one ``update_masks`` call on a 3072x3072 layer, amortised over delta_t steps.
 
     python bench/train_step.py            # full (about a minute on 2 cores)
     python bench/train_step.py --quick    # smoke run
+    python bench/train_step.py --mask-update --baseline 5723db6   # selection A/B only (see below)
+
+``--baseline REV`` also times the mask-update step with ``srigl_jax/selection.py`` as of the git
+revision REV (loaded from git and swapped into ``layer_updates`` while tracing), interleaved.
+``--mask-update`` times only the mask update of the 3072x3072 layer: ``update_masks`` and the three
+selections it makes (global top-n of |w| among the active weights, global top-n of |grad|, per-column
+regrowth), interleaved with the same calls under ``--baseline``, and checks that both give identical
+masks. "new" is the ``srigl_jax`` that Python imports: with an editable install of another checkout,
+run from the repo root with ``PYTHONPATH=.`` to time this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import srigl_jax as sj
+from srigl_jax import layer_updates, selection
 
 
 def mlp_params(key, sizes):
@@ -66,14 +79,73 @@ def interleaved_medians(fns: dict, reps: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def selection_at(revision: str) -> types.ModuleType:
+    """``srigl_jax/selection.py`` as of a git revision, as a module."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = "srigl_jax/selection.py"
+    source = subprocess.run(["git", "-C", root, "show", f"{revision}:{path}"],
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"selection_at_{revision}")
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def selection_primitives(module: types.ModuleType):
+    """Make ``layer_updates`` use ``module``'s selection primitives (for whatever is traced meanwhile)."""
+    saved = layer_updates.top_n_mask, layer_updates.column_top_count_mask
+    layer_updates.top_n_mask, layer_updates.column_top_count_mask = module.top_n_mask, module.column_top_count_mask
+    try:
+        yield
+    finally:
+        layer_updates.top_n_mask, layer_updates.column_top_count_mask = saved
+
+
+def mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, step, reps, baseline):
+    """Median ms of update_masks and of each selection, per implementation, interleaved; checks equal outputs."""
+    w_score = selection.magnitude_score(layer_params["kernel"])
+    g_score = selection.magnitude_score(grads["kernel"])
+    mask = layer_masks["kernel"]
+    n_prune, n_keep = layer_updates.prune_counts(mask, layer_algo.drop_fraction(step))
+    keep = selection.top_n_mask(w_score, mask, n_keep)
+    need = mask.sum(axis=0) - keep.sum(axis=0)  # no ablation: regrow each neuron back to k0
+    implementations = {"new": selection}
+    if baseline:
+        implementations = {f"baseline {baseline}": selection_at(baseline), **implementations}
+    calls, outputs = {}, {}
+    for impl, module in implementations.items():
+        cases = {
+            "top_n |w| (drop)": (jax.jit(module.top_n_mask), (w_score, mask, n_keep)),
+            "top_n |grad| (salience)": (jax.jit(module.top_n_mask), (g_score, jnp.ones_like(mask), n_prune)),
+            "column_top_count |grad| (grow)": (jax.jit(module.column_top_count_mask), (g_score, ~keep, need)),
+            "update_masks": (jax.jit(lambda *a: layer_algo.update_masks(*a)),
+                             (layer_params, grads, layer_masks, key, step)),
+        }
+        with selection_primitives(module):  # compile inside: update_masks traces layer_updates
+            for case, (fn, args) in cases.items():
+                outputs[impl, case] = jax.block_until_ready(fn(*args))
+                calls[impl, case] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    for impl, case in outputs:
+        same = jax.tree.map(lambda a, b: bool((a == b).all()), outputs[impl, case], outputs["new", case])
+        assert jax.tree.all(same), f"{impl} and new differ on {case}"
+    med = interleaved_medians(calls, reps)
+    return {case: {impl: med[impl, case] * 1e3 for impl in implementations} for impl, case in calls}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and few repetitions (smoke test)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--delta-t", type=int, default=100)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_step.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default bench/results/train_step.json, or mask_update.json with --mask-update)")
+    ap.add_argument("--mask-update", action="store_true", help="time only the 3072x3072 layer's mask update")
+    ap.add_argument("--baseline", default=None,
+                    help="git revision of selection.py to compare with (mask-update step, or --mask-update)")
     args = ap.parse_args()
+    results_dir = os.path.join(os.path.dirname(__file__), "results")
+    out = args.out or os.path.join(results_dir, "mask_update.json" if args.mask_update else "train_step.json")
     width, batch, reps = (256, 32, 5) if args.quick else (3072, 128, args.reps)
     sizes = [784, width, width, 10]
 
@@ -86,6 +158,27 @@ def main() -> None:
     algo = sj.SRigL(sparsity=args.sparsity, distribution="erk", delta_t=args.delta_t, t_end=10**6, gamma_sal=0.3)
     masks = algo.init_masks(params, key)
     sparse_params = algo.init_params(params, masks, key)
+    plain_step, update_step = jnp.int32(1), jnp.int32(args.delta_t)
+
+    # update_masks alone on one square layer (the 3072x3072 hidden layer).
+    layer = {"kernel": params["Dense_1"]["kernel"]}
+    layer_algo = sj.SRigL(sparsity=args.sparsity, distribution="uniform", delta_t=args.delta_t,
+                          t_end=10**6, gamma_sal=0.3, ablation_exempt=())
+    layer_masks = layer_algo.init_masks(layer, key)
+    layer_params = layer_algo.init_params(layer, layer_masks, key)
+    grads = {"kernel": jax.random.normal(jax.random.key(3), layer["kernel"].shape)}
+    if args.mask_update:
+        med = mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, update_step, reps, args.baseline)
+        print(f"mask update of the {width}x{width} layer, SRigL {args.sparsity:.0%}, {reps} interleaved reps, "
+              f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}; median ms; "
+              f"new = {selection.__file__}")
+        for case, by_impl in med.items():
+            ratio = f"   {by_impl[f'baseline {args.baseline}'] / by_impl['new']:.2f}x faster" if args.baseline else ""
+            print(f"  {case:32s}" + "".join(f"  {impl} {ms:8.1f}" for impl, ms in by_impl.items()) + ratio)
+        write_json(out, {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                         "jax": jax.__version__, "layer": [width, width], "reps": reps, "median_ms": med})
+        return
+
 
     @jax.jit
     def dense_step(params, opt_state):
@@ -93,15 +186,15 @@ def main() -> None:
         updates, opt_state = tx_dense.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    @jax.jit
-    def sparse_step(params, opt_state, masks, step):
+    def sparse_step_fn(params, opt_state, masks, step):
         grads = jax.grad(mlp_loss)(params, x, y)
         res = sj.sparse_apply(algo, tx_sparse, params, opt_state, masks, grads, key, step)
         return res.params, res.opt_state, res.masks
 
+    sparse_step = jax.jit(sparse_step_fn)
+
     dense_state = (params, tx_dense.init(params))
     sparse_state = (sparse_params, tx_sparse.init(sparse_params), masks)
-    plain_step, update_step = jnp.int32(1), jnp.int32(args.delta_t)
 
     def run_dense():
         jax.block_until_ready(dense_step(*dense_state))
@@ -112,20 +205,18 @@ def main() -> None:
     def run_sparse_update():
         jax.block_until_ready(sparse_step(*sparse_state, update_step))
 
-    for fn in (run_dense, run_sparse, run_sparse_update):  # compile + warm up
+    candidates = {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}
+    if args.baseline:  # the same update step, compiled with the baseline's selection primitives
+        baseline_step = jax.jit(lambda *a: sparse_step_fn(*a))
+        with selection_primitives(selection_at(args.baseline)):
+            jax.block_until_ready(baseline_step(*sparse_state, update_step))
+        candidates["srigl_update_step_baseline"] = lambda: jax.block_until_ready(
+            baseline_step(*sparse_state, update_step))
+    for fn in candidates.values():  # compile + warm up
         fn()
         fn()
-    med = interleaved_medians(
-        {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}, reps
-    )
+    med = interleaved_medians(candidates, reps)
 
-    # update_masks alone on one square layer (the 3072x3072 hidden layer).
-    layer = {"kernel": params["Dense_1"]["kernel"]}
-    layer_algo = sj.SRigL(sparsity=args.sparsity, distribution="uniform", delta_t=args.delta_t,
-                          t_end=10**6, gamma_sal=0.3, ablation_exempt=())
-    layer_masks = layer_algo.init_masks(layer, key)
-    layer_params = layer_algo.init_params(layer, layer_masks, key)
-    grads = {"kernel": jax.random.normal(jax.random.key(3), layer["kernel"].shape)}
     update = jax.jit(layer_algo.update_masks)
     run_update = lambda: jax.block_until_ready(update(layer_params, grads, layer_masks, key, update_step))
     run_update()
@@ -151,6 +242,11 @@ def main() -> None:
         "update_overhead_amortised": amortised,
         "delta_t": args.delta_t,
     }
+    if args.baseline:
+        result["baseline"] = args.baseline
+        result["srigl_update_step_baseline_ms"] = med["srigl_update_step_baseline"] * 1e3
+        result["update_overhead_amortised_baseline"] = (
+            (med["srigl_update_step_baseline"] - med["srigl"]) / (args.delta_t * med["srigl"]))
     print(f"MLP {sizes}, batch {batch}, SRigL {args.sparsity:.0%} ERK, {reps} interleaved reps, "
           f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}")
     print(f"  dense step             {result['dense_step_ms']:9.2f} ms")
@@ -158,10 +254,17 @@ def main() -> None:
     print(f"  SRigL mask-update step {result['srigl_update_step_ms']:9.2f} ms")
     print(f"  update_masks, {layer['kernel'].shape[0]}x{layer['kernel'].shape[1]} layer: {result['update_masks_layer_ms']:.1f} ms")
     print(f"  mask updates amortised over delta_t={args.delta_t}: {amortised:.2%} of training time (goal < 2%)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    if args.baseline:
+        print(f"  baseline {args.baseline}: mask-update step {result['srigl_update_step_baseline_ms']:.2f} ms, "
+              f"amortised {result['update_overhead_amortised_baseline']:.2%}")
+    write_json(out, result)
+
+
+def write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,30 @@
 
 All scores are non-negative float32; ineligible entries never get selected. Ties are broken
 deterministically by position: lower (row-major) index first. Layers are viewed as 2-D
-(fan_in, n_neurons) matrices (a free reshape of Dense/Conv kernels): one column per neuron. Everything has static shapes, so the
-primitives run under ``jit`` with traced counts.
+(fan_in, n_neurons) matrices (a free reshape of Dense/Conv kernels): one column per neuron. Everything
+has static shapes, so the primitives run under ``jit`` with traced counts.
+
+Algorithm: no sort. The bit patterns of non-negative float32 read as int32 are ordered like the floats,
+so "the n largest scores" is "the n largest int32 keys" (ineligible entries get key -1). A radix select
+finds the threshold T, the n-th largest key: each pass histograms one digit of the keys inside the
+current window (one scatter-add over the layer; keys above the window go to one extra bin, keys below
+it are dropped), and the suffix sums of that histogram are the counts count(keys >= bin edge), which
+give the bin that holds T; the next pass refines that bin with the next digit. A pass costs a few
+plain counting passes on XLA:CPU but settles 10-16 bits instead of one.
+
+* ``top_n_mask`` (one global threshold): 16-bit digits over one 2**16-bin table, so at most two
+  passes over the layer for 31-bit keys.
+* ``column_top_count_mask`` (one threshold per column): per-column tables of 2**10 bins (a
+  (bins, columns) table must stay cache-sized), so at most four passes; on continuous scores nearly
+  every column is resolved after two, and once few columns are left the remaining passes run on a
+  gathered slab of just those columns instead of the whole layer.
+
+A group (column, or the whole layer) is resolved as soon as the bin holding T is taken entirely
+(count(keys >= its lower edge) is exactly n) or is a single key value. In the latter case more entries
+may equal T than are needed, and only the ones at the lowest positions are kept. Per column that is
+again a selection of the largest keys, with the reversed row as key (the same radix select); over the
+whole layer, one pass counts the ties per row and the boundary row is resolved alone. Both run only
+if some tie is cut, which float32 scores of large layers do now and then.
 """
 
 from __future__ import annotations
@@ -13,8 +35,12 @@ import jax.numpy as jnp
 from jax import lax
 
 _FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
-# Halvings that exhaust the int32 bit patterns of non-negative float32 (bounds the search).
-_BISECTION_STEPS = 31
+# Non-negative float32 bit patterns (largest: float32 max, 0x7F7FFFFF) are below 2**31.
+_SCORE_KEY_BITS = 31
+_GLOBAL_DIGIT_BITS = 16  # one 2**16-bin table (256 KiB): two passes for any 31-bit key
+_COLUMN_DIGIT_BITS = 10  # (2**10 + 1, n_columns) tables: ~12 MiB for 3072 columns
+_SLAB_COLUMNS = 256  # passes run on a gathered slab of the unresolved columns once at most this many are
+_NEVER = jnp.iinfo(jnp.int32).max  # a threshold above every key: selects nothing
 
 
 def magnitude_score(x: jax.Array) -> jax.Array:
@@ -33,109 +59,176 @@ def _sortable_keys(score: jax.Array, eligible: jax.Array) -> jax.Array:
     return jnp.where(eligible, lax.bitcast_convert_type(score.astype(jnp.float32), jnp.int32), -1)
 
 
-_SAMPLES_PER_COLUMN = 64
-_SAMPLES_TOTAL = 16384
-_MARGIN_SIGMAS = 4.0
+def _suffix_sum(x: jax.Array) -> jax.Array:
+    """out[b] = sum(x[b:]) along a short axis 0, as one fused masked reduction: (m, m, groups) work, but
+    XLA:CPU's cumsum is far slower than that at these sizes."""
+    m = x.shape[0]
+    from_b = jnp.arange(m)[None, :] >= jnp.arange(m)[:, None]  # from_b[b, b'] = b' >= b
+    return jnp.sum(jnp.where(from_b[:, :, None], x[None], 0), axis=1)
 
 
-def _count_at_least(keys: jax.Array, t: jax.Array) -> jax.Array:
-    return jnp.sum(keys >= t[None, :], axis=0, dtype=jnp.int32)
+def _window_histogram(keys, lo, shift, digit_bits: int, per_column: bool):
+    """Histogram of the keys in the window of 2**digit_bits bins of width 2**shift starting at lo.
 
-
-def _sampled_bracket(keys: jax.Array, n: jax.Array):
-    """A tight starting bracket [lo, hi) for ``_column_thresholds`` from a strided sample of each column.
-
-    The sample's order statistics around the target rank, widened by a few binomial standard
-    deviations, are verified with two counting passes; a failed side falls back to the trivial bound,
-    so the bracket is always valid whatever the data.
+    Returns ``(hist, above)``: hist (bins, groups) counts the keys in each bin (bin 0 lowest), above
+    (groups,) the keys at or above the window's top. Keys below lo are dropped (out-of-range scatter
+    index). A group is a column (per_column) or the whole matrix; lo and shift are per group.
     """
-    n_rows, n_cols = keys.shape
-    per_col = max(1, min(n_rows, max(_SAMPLES_PER_COLUMN, _SAMPLES_TOTAL // n_cols)))
-    stride = max(1, n_rows // per_col)
-    sample = -jnp.sort(-keys[::stride], axis=0)  # descending per column
-    m = sample.shape[0]
-    rank = n.astype(jnp.float32) * (m / n_rows)  # expected position of the threshold in the sample
-    margin = _MARGIN_SIGMAS * jnp.sqrt(rank * (1.0 - rank / m) + 1.0) + 1.0
-    lo_idx = jnp.clip(jnp.ceil(rank + margin), 0, m - 1).astype(jnp.int32)
-    hi_idx = jnp.clip(jnp.floor(rank - margin), 0, m - 1).astype(jnp.int32)
-    cols = jnp.arange(n_cols)
-    lo_probe = jnp.maximum(sample[lo_idx, cols], 0)
-    hi_probe = jnp.maximum(sample[hi_idx, cols], 0) + 1
-    c_lo_probe, c_hi_probe = _count_at_least(keys, lo_probe), _count_at_least(keys, hi_probe)
-    lo_ok, hi_ok = c_lo_probe >= n, (c_hi_probe < n) & (hi_probe > lo_probe)
-    lo = jnp.where(lo_ok, lo_probe, 0)
-    c_lo = jnp.where(lo_ok, c_lo_probe, jnp.sum(keys >= 0, axis=0, dtype=jnp.int32))
-    hi = jnp.where(hi_ok, hi_probe, jnp.max(keys, axis=0) + 1)  # max key < INT32_MAX: no overflow
-    c_hi = jnp.where(hi_ok, c_hi_probe, 0)
-    return lo, c_lo, hi, c_hi
+    n_bins = 1 << digit_bits
+    groups = keys.shape[1] if per_column else 1
+    bins = jnp.minimum((keys - lo) >> shift, n_bins)  # keys >= -1, 0 <= lo < 2**31: no overflow
+    index = bins * groups + jnp.arange(groups) if per_column else bins
+    index = jnp.where(bins >= 0, index, (n_bins + 1) * groups)
+    table = jnp.zeros((n_bins + 1) * groups, jnp.int32).at[index.ravel()].add(1, mode="drop")
+    table = table.reshape(n_bins + 1, groups)
+    return table[:n_bins], table[n_bins]
 
 
-def _column_thresholds(keys: jax.Array, n: jax.Array) -> jax.Array:
-    """Per column c of int32 ``keys`` (R, C), the largest t with count(keys[:, c] >= t) >= n[c].
+def _crossing_bin(hist: jax.Array, above: jax.Array, n: jax.Array):
+    """Per group, the highest bin b with count(keys >= lower edge of b) >= n, that count and count(keys
+    >= upper edge of b). Requires count(keys >= lowest edge) >= n > above.
 
-    Requires 0 <= n[c] <= count(keys[:, c] >= 0). A bracketing search [lo, hi) on the key values that
-    alternates linear interpolation of the count (few passes on smooth score distributions) with
-    bisection (guarantees at most ~62 passes); stops once count(keys >= lo) == n exactly.
+    Suffix sums in two levels, over sqrt(bins) blocks and then over the bins of the one block that
+    crosses n, so the work stays about one read of the table.
     """
-    n = n.astype(jnp.int32)
-    lo, c_lo, hi, c_hi = _sampled_bracket(keys, n)
+    n_bins, groups = hist.shape
+    inner = 1 << ((n_bins.bit_length() - 1) // 2)
+    blocks = hist.reshape(n_bins // inner, inner, groups)
+    block_ge = above + _suffix_sum(jnp.sum(blocks, axis=1))  # count(>= lower edge of each block)
+    j = jnp.maximum(jnp.sum(block_ge >= n, axis=0) - 1, 0)
+    in_j = jnp.arange(n_bins // inner)[:, None] == j  # one-hot picks: cheaper than gathers on XLA:CPU
+    block = jnp.sum(jnp.where(in_j[:, None, :], blocks, 0), axis=0)  # (inner, groups): the bins of block j
+    bin_ge = _pick(block_ge, in_j) - jnp.sum(block, axis=0) + _suffix_sum(block)
+    i = jnp.maximum(jnp.sum(bin_ge >= n, axis=0) - 1, 0)
+    in_i = jnp.arange(inner)[:, None] == i
+    at = _pick(bin_ge, in_i)
+    return j * inner + i, at, at - _pick(block, in_i)
 
-    def searching(state):
-        lo, hi, c_lo, _, it = state
-        return jnp.any((hi - lo > 1) & (c_lo != n)) & (it < 4 * _BISECTION_STEPS)
 
-    def probe_once(state):
-        lo, hi, c_lo, c_hi, it = state
-        active = (hi - lo > 1) & (c_lo != n)
-        width = (hi - lo).astype(jnp.float32)
-        frac = (c_lo - n).astype(jnp.float32) / jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
-        interpolated = lo + (width * frac).astype(jnp.int32)
-        bisected = lo + (hi - lo) // 2
-        probe = jnp.clip(jnp.where(it % 2 == 0, interpolated, bisected), lo + 1, hi - 1)
-        count = _count_at_least(keys, probe)
-        go_up = active & (count >= n)
-        go_down = active & (count < n)
+def _pick(x: jax.Array, one_hot: jax.Array) -> jax.Array:
+    """x[k, g] at the one k per group g where one_hot[k, g]."""
+    return jnp.sum(jnp.where(one_hot, x, 0), axis=0)
+
+
+def _threshold(keys_of, operands: tuple, n: jax.Array, key_bits: int, per_column: bool):
+    """Radix select of the n-th largest key, per column or over the whole matrix.
+
+    The keys are ``keys_of(*operands)``, (R, C) int32 in [-1, 2**key_bits) (-1: ineligible, never
+    counted); they are recomputed inside every pass, where they fuse into the histogram's index
+    computation, instead of being written out once and read back each pass. The operands' last axis
+    is the column axis ((R, C) arrays or per-column (C,) vectors), so a slab of columns is
+    ``x[..., cols]``. ``n`` (C,) per column or (1,), with 0 <= n <= #eligible.
+
+    Returns ``(t, surplus, n_above)`` per group: count(keys >= t) is n + surplus; if surplus > 0, t is
+    the n-th largest key itself and n_above = count(keys > t). n == 0 gives t above every key.
+    """
+    digit_bits = _COLUMN_DIGIT_BITS if per_column else _GLOBAL_DIGIT_BITS
+    zeros = jnp.zeros_like(n)
+    init = (
+        jnp.where(n > 0, 0, _NEVER),  # lo: the window's (and at the end the threshold's) lower edge
+        jnp.full_like(n, max(key_bits - digit_bits, 0)),  # shift: log2 of the bin width
+        zeros,  # count(keys >= lo) once resolved
+        zeros,  # count(keys >= the upper edge of lo's bin)
+        n == 0,  # resolved
+    )
+
+    def refine(operands, n, state):
+        """One pass: narrow each unresolved group's window to the bin holding the n-th largest key."""
+        lo, shift, c_at, c_above, done = state
+        hist, above = _window_histogram(keys_of(*operands), lo, shift, digit_bits, per_column)
+        b, at, above_bin = _crossing_bin(hist, above, n)
+        resolved = (at == n) | (shift == 0)
         return (
-            jnp.where(go_up, probe, lo),
-            jnp.where(go_down, probe, hi),
-            jnp.where(go_up, count, c_lo),
-            jnp.where(go_down, count, c_hi),
-            it + 1,
+            jnp.where(done, lo, lo + (b << shift)),
+            jnp.where(done, shift, jnp.maximum(shift - digit_bits, 0)),
+            jnp.where(done, c_at, at),
+            jnp.where(done, c_above, above_bin),
+            done | resolved,
         )
 
-    lo, *_ = lax.while_loop(searching, probe_once, (lo, hi, c_lo, c_hi, jnp.int32(0)))
-    return lo
+    def refine_all(state):
+        return refine(operands, n, state)
+
+    def refine_slab(state):
+        """The same pass on only the unresolved columns, gathered (padded with column 0, whose
+        recomputed state is unchanged if resolved and identical to its real slot if not)."""
+        cols = jnp.nonzero(~state[-1], size=_SLAB_COLUMNS, fill_value=0)[0]
+        sub = refine([x[..., cols] for x in operands], n[cols], [s[cols] for s in state])
+        return tuple(s.at[cols].set(t) for s, t in zip(state, sub))
+
+    def step(state):
+        if not (per_column and n.shape[0] > 2 * _SLAB_COLUMNS):
+            return refine_all(state)
+        few_left = jnp.sum(~state[-1]) <= _SLAB_COLUMNS
+        return lax.cond(few_left, refine_slab, refine_all, state)
+
+    lo, _, c_at, c_above, _ = lax.while_loop(lambda s: jnp.any(~s[-1]), step, init)
+    return lo, c_at - n, c_above
 
 
-def _select_columns(keys: jax.Array, n: jax.Array) -> jax.Array:
-    """Per column, the n[c] largest keys (>= 0); ties go to the lower row index."""
-    threshold = _column_thresholds(keys, n)[None, :]
-    at_least = keys >= threshold
-    surplus = jnp.sum(at_least, axis=0, keepdims=True, dtype=jnp.int32) - n[None, :]
+def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
+    """The n highest eligible scores of a 2-D ``score`` per column or over the matrix; ties go to the
+    lower row / row-major index."""
+    t, surplus, n_above = _threshold(_sortable_keys, (score, eligible), n, _SCORE_KEY_BITS, per_column)
+    n_rows, n_cols = score.shape
+    rows = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
+    position = rows if per_column else rows * n_cols + jnp.arange(n_cols, dtype=jnp.int32)
+    keys = _sortable_keys(score, eligible)
+    tie = keys == t
+    quota = n - n_above  # ties to keep where surplus > 0
 
-    def drop_surplus_ties(selected):  # rare for continuous scores: skip the cumsum when no tie is cut
-        at = keys == threshold
-        tie_rank_from_end = jnp.cumsum(at[::-1], axis=0, dtype=jnp.int32)[::-1]
-        return selected & ~(at & (tie_rank_from_end <= surplus))
+    def last_kept_tie_per_column():
+        """Per column, the row of the quota-th tie: the quota largest reversed rows among the ties."""
+        cut = surplus > 0
 
-    return lax.cond(jnp.any(surplus > 0), drop_surplus_ties, lambda sel: sel, at_least)
+        def reversed_rows_of_ties(score, eligible, t, cut):
+            return jnp.where((_sortable_keys(score, eligible) == t) & cut, n_rows - 1 - rows, -1)
+
+        t_row, _, _ = _threshold(
+            reversed_rows_of_ties, (score, eligible, t, cut), jnp.where(cut, quota, 0),
+            (n_rows - 1).bit_length(), per_column=True,
+        )
+        return jnp.where(cut, n_rows - 1 - t_row, n_rows - 1)
+
+    def last_kept_tie_overall():
+        """Flat position of the quota-th tie in row-major order: one pass of per-row tie counts, then
+        the boundary row alone."""
+        upto_row = jnp.cumsum(jnp.sum(tie, axis=1, dtype=jnp.int32))
+        row = jnp.sum(upto_row < quota, dtype=jnp.int32)  # the row holding the quota-th tie
+        in_row = quota - (upto_row[row] - jnp.sum(tie[row], dtype=jnp.int32))
+        col = jnp.sum(jnp.cumsum(tie[row], dtype=jnp.int32) < in_row, dtype=jnp.int32)
+        return (row * n_cols + col).reshape(1)
+
+    keep_all_ties = jnp.full_like(n, n_rows - 1 if per_column else n_rows * n_cols - 1)
+    last_kept = lax.cond(
+        jnp.any(surplus > 0),
+        last_kept_tie_per_column if per_column else last_kept_tie_overall,
+        lambda: keep_all_ties,
+    )
+    return (keys > t) | (tie & (position <= last_kept))
+
+
+def _as_matrix(x: jax.Array) -> jax.Array:
+    """Any shape -> 2-D, keeping row-major order."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
 def top_n_mask(score: jax.Array, eligible: jax.Array, n: jax.Array) -> jax.Array:
     """Boolean mask of the ``n`` highest-scoring eligible entries of ``score`` (any shape).
 
     ``n`` may be traced; it is clipped to [0, #eligible]. Exactly ``min(n, #eligible)`` entries are
-    selected; ties go to the lower flat (row-major) index. No sort: a threshold search over the float32
-    bit patterns (monotone for non-negative floats), each step one O(size) counting pass.
+    selected; ties go to the lower flat (row-major) index. Two histogram passes over the layer (see the
+    module docstring), plus two more only if a tie at the threshold has to be cut.
 
     >>> import jax.numpy as jnp
     >>> s = jnp.array([[0.5, 2.0, 2.0], [1.0, 2.0, 0.0]])
     >>> top_n_mask(s, jnp.ones_like(s, bool), 2).astype(int).tolist()
     [[0, 1, 1], [0, 0, 0]]
     """
-    keys = _sortable_keys(score, eligible).reshape(-1, 1)
+    if score.size == 0:  # nothing to select (and no row to index when cutting ties)
+        return jnp.zeros(score.shape, bool)
     n = jnp.clip(jnp.asarray(n, jnp.int32), 0, jnp.sum(eligible, dtype=jnp.int32)).reshape(1)
-    return _select_columns(keys, n).reshape(score.shape)
+    return _select(_as_matrix(score), _as_matrix(eligible), n, per_column=False).reshape(score.shape)
 
 
 def column_top_count_mask(score: jax.Array, eligible: jax.Array, counts: jax.Array) -> jax.Array:
@@ -150,9 +243,8 @@ def column_top_count_mask(score: jax.Array, eligible: jax.Array, counts: jax.Arr
     >>> column_top_count_mask(s, s >= 0, jnp.array([2, 2])).T.astype(int).tolist()
     [[1, 0, 1, 0], [1, 0, 1, 0]]
     """
-    keys = _sortable_keys(score, eligible)
     n = jnp.clip(counts.astype(jnp.int32), 0, jnp.sum(eligible, axis=0, dtype=jnp.int32))
-    return _select_columns(keys, n)
+    return _select(score, eligible, n, per_column=True)
 
 
 def kth_largest(values: jax.Array, k: int) -> jax.Array:

@@ -1,17 +1,22 @@
 """Selection primitives against a NumPy reference (stable sort: ties go to the lower index)."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from srigl_jax import selection
 from srigl_jax.selection import column_top_count_mask, magnitude_score, perturb_ties, top_n_mask
 
 
 def reference_top_n(score, eligible, n):
-    flat, ok = score.ravel(), eligible.ravel()
-    order = [i for i in np.argsort(-flat, kind="stable") if ok[i]]
+    """Sort the eligible entries by (-score, flat index) and take the first n."""
+    flat = score.ravel()
+    idx = np.flatnonzero(eligible.ravel())
+    order = idx[np.lexsort((idx, -flat[idx]))]
     out = np.zeros(flat.shape, bool)
     out[order[: max(0, min(n, len(order)))]] = True
     return out.reshape(score.shape)
@@ -62,6 +67,89 @@ def test_top_n_on_continuous_scores(seed, kind):
     np.testing.assert_array_equal(cols, reference_column_top(score, eligible, np.full(37, n // 37)))
 
 
+# Adversarial inputs for the radix select: exact ties, zeros, subnormals, values one ulp apart, float32
+# max, ranges spanning every exponent, all-equal layers; shapes include single rows and columns.
+_F32 = np.float32
+_SPECIAL = np.array(
+    [0.0, 1e-45, 3e-45, 1e-40, np.finfo(_F32).tiny, 1e-10, 0.5, 1.0, np.nextafter(_F32(1), _F32(2)),
+     np.nextafter(_F32(1), _F32(0)), 2.0, 65536.0, 3e38, np.finfo(_F32).max],
+    _F32,
+)
+_SHAPES = [(1, 1), (1, 7), (6, 1), (3, 4), (8, 9), (33, 5)]
+
+
+def adversarial_case(shape_index, kind, seed):
+    rng = np.random.default_rng(seed)
+    shape = _SHAPES[shape_index]
+    if kind == "special":
+        score = rng.choice(_SPECIAL, size=shape)
+    elif kind == "few":  # a handful of distinct values over a wide range
+        score = rng.choice(rng.lognormal(0, 10, size=3).astype(_F32), size=shape)
+    elif kind == "wide":
+        score = np.minimum(rng.lognormal(0, 30, size=shape), np.finfo(_F32).max)
+    elif kind == "ulps":  # consecutive float32 values around 1: keys differ in the last bits only
+        score = (1 + rng.integers(0, 5, size=shape) * np.finfo(_F32).eps)
+    else:  # "equal": one value everywhere, zero included
+        score = np.full(shape, rng.choice(_SPECIAL))
+    eligible = rng.random(shape) < rng.choice([0.0, 0.5, 0.9, 1.0])
+    return score.astype(_F32), eligible, rng
+
+
+cases = st.builds(
+    adversarial_case,
+    st.integers(0, len(_SHAPES) - 1),
+    st.sampled_from(["special", "few", "wide", "ulps", "equal"]),
+    st.integers(0, 2**31 - 1),
+)
+_jit_top_n = jax.jit(top_n_mask)
+_jit_column_top = jax.jit(column_top_count_mask)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases, st.floats(0, 1.2))
+def test_top_n_matches_reference_on_adversarial_inputs(case, frac):
+    score, eligible, _ = case
+    n = int(round(frac * score.size))  # 0 ... more than #eligible (clipped)
+    got = np.asarray(_jit_top_n(jnp.asarray(score), jnp.asarray(eligible), n))
+    np.testing.assert_array_equal(got, reference_top_n(score, eligible, n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases)
+def test_column_top_count_matches_reference_on_adversarial_inputs(case):
+    score, eligible, rng = case
+    counts = rng.integers(0, score.shape[0] + 2, size=score.shape[1])
+    got = _jit_column_top(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
+    np.testing.assert_array_equal(np.asarray(got), reference_column_top(score, eligible, counts))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases)
+def test_column_top_count_on_a_slab_of_columns(case):
+    """Force the gathered-slab passes (normally only for layers over 512 columns) on small layers."""
+    score, eligible, rng = case
+    counts = rng.integers(0, score.shape[0] + 2, size=score.shape[1])
+    with mock.patch.object(selection, "_SLAB_COLUMNS", 2):  # read while tracing: call without a jit cache
+        got = column_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
+    np.testing.assert_array_equal(np.asarray(got), reference_column_top(score, eligible, counts))
+
+
+def test_wide_layer_uses_slab_and_matches_reference():
+    """A layer wide enough for the real slab path: continuous columns, tied columns, empty columns."""
+    rng = np.random.default_rng(0)
+    score = rng.lognormal(0, 2, size=(40, 700)).astype(_F32)
+    score[:, 100:120] = 1.0  # all tied: the tie cut runs per column
+    score[::3, 200:260] = 0.0
+    eligible = rng.random(score.shape) < 0.9
+    eligible[:, 300:310] = False
+    counts = rng.integers(0, 42, size=700)
+    got = column_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
+    np.testing.assert_array_equal(np.asarray(got), reference_column_top(score, eligible, counts))
+    for n in (0, 1, 9000, int(eligible.sum())):
+        got = top_n_mask(jnp.asarray(score), jnp.asarray(eligible), n)
+        np.testing.assert_array_equal(np.asarray(got), reference_top_n(score, eligible, n))
+
+
 def test_top_n_handles_extremes_and_large_values():
     score = jnp.array([0.0, 3e38, 1e-45, 7.0, 3e38])
     every = jnp.ones(5, bool)
@@ -69,6 +157,12 @@ def test_top_n_handles_extremes_and_large_values():
     assert np.asarray(top_n_mask(score, every, 99)).all()  # n clipped to #eligible
     np.testing.assert_array_equal(top_n_mask(score, every, 2), [False, True, False, False, True])
     np.testing.assert_array_equal(top_n_mask(score, every, 4), [False, True, True, True, True])
+
+
+def test_empty_layers_select_nothing():
+    for shape in [(0,), (0, 3), (3, 0)]:
+        assert top_n_mask(jnp.zeros(shape), jnp.ones(shape, bool), 2).shape == shape
+    assert column_top_count_mask(jnp.zeros((0, 3)), jnp.ones((0, 3), bool), jnp.ones(3, jnp.int32)).shape == (0, 3)
 
 
 def test_top_n_traced_count_under_jit():
