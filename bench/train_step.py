@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--out", default=None,
                     help="JSON results (default bench/results/train_step.json, or mask_update.json with --mask-update)")
     ap.add_argument("--mask-update", action="store_true", help="time only the 3072x3072 layer's mask update")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time partial steps (masking only; masking + NaN/Inf check) to locate the overhead")
     ap.add_argument("--baseline", default=None,
                     help="git revision of selection.py to compare with (mask-update step, or --mask-update)")
     args = ap.parse_args()
@@ -216,6 +218,8 @@ def main() -> None:
         jax.block_until_ready(sparse_step(*at_step(update_step)))
 
     candidates = {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}
+    if args.breakdown:  # where the non-update step's overhead goes: hand-written partial steps
+        candidates.update(overhead_breakdown(tx_dense, sparse_params, masks, x, y))
     if args.baseline:  # the same update step, compiled with the baseline's selection primitives
         baseline_step = jax.jit(lambda *a: sparse_step_fn(*a))
         with selection_primitives(selection_at(args.baseline)):
@@ -253,6 +257,8 @@ def main() -> None:
         "update_overhead_amortised": amortised,
         "delta_t": args.delta_t,
     }
+    if args.breakdown:
+        result["breakdown_vs_dense"] = {name: med[name] / med["dense"] for name in BREAKDOWN}
     if args.baseline:
         result["baseline"] = args.baseline
         result["srigl_update_step_baseline_ms"] = med["srigl_update_step_baseline"] * 1e3
@@ -265,10 +271,35 @@ def main() -> None:
     print(f"  SRigL mask-update step {result['srigl_update_step_ms']:9.2f} ms")
     print(f"  update_masks, {layer['kernel'].shape[0]}x{layer['kernel'].shape[1]} layer: {result['update_masks_layer_ms']:.1f} ms")
     print(f"  mask updates amortised over delta_t={args.delta_t}: {amortised:.2%} of training time (goal < 2%)")
+    if args.breakdown:
+        for name in BREAKDOWN:
+            print(f"  {name:22s} {med[name] * 1e3:9.2f} ms   {result['breakdown_vs_dense'][name]:.3f}x dense")
     if args.baseline:
         print(f"  baseline {args.baseline}: mask-update step {result['srigl_update_step_baseline_ms']:.2f} ms, "
               f"amortised {result['update_overhead_amortised_baseline']:.2%}")
     write_json(out, result)
+
+
+BREAKDOWN = ("dense + masking", "dense + masking + check")
+
+
+def overhead_breakdown(tx, params, masks, x, y) -> dict:
+    """Partial steps between the dense step and the sparse one: (1) the dense step with the gradient masked for
+    the optimizer and the updates masked (what any masked training must do), (2) plus the NaN/Inf check and the
+    skip selects (what ``sparse_optimizer`` adds on a non-update step, besides the compiled mask-update branch)."""
+    from srigl_jax.optim import _any_nonfinite_pair
+
+    def masked(p, s, check):
+        g = jax.grad(mlp_loss)(p, x, y)
+        bad = _any_nonfinite_pair(g, p) if check else jnp.zeros((), bool)
+        g = jax.tree.map(lambda g, m: jnp.where(m, g, 0.0), g, masks)
+        u, new_s = tx.update(g, s, p)
+        u = jax.tree.map(lambda u, m, p: jnp.where(bad, 0.0, jnp.where(m, u, -p)), u, masks, p)
+        return optax.apply_updates(p, u), jax.tree.map(lambda a, b: jnp.where(bad, a, b), s, new_s)
+
+    state = tx.init(params)
+    steps = {name: jax.jit(lambda p, s, check=check: masked(p, s, check)) for name, check in zip(BREAKDOWN, (0, 1))}
+    return {name: (lambda f=f: jax.block_until_ready(f(params, state))) for name, f in steps.items()}
 
 
 def write_json(path: str, result: dict) -> None:

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_train_step_benchmark_quick(tmp_path):
     out = tmp_path / "train_step.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--breakdown", "--out", str(out)],
+                          cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -22,3 +23,4 @@ def test_train_step_benchmark_quick(tmp_path):
                 "update_overhead_amortised", "update_masks_layer_ms"):
         assert result[key] > 0, key
     assert "x dense" in proc.stdout and "amortised" in proc.stdout
+    assert set(result["breakdown_vs_dense"]) == {"dense + masking", "dense + masking + check"}
