@@ -363,8 +363,9 @@ def test_cli_missing_cifar_explains_formats(tmp_path, capsys):
     """The reported case: `python -m train --config cifar10_resnet18_tiny` with no CIFAR-10 anywhere."""
     from train.__main__ import main
     assert main(["--config", "cifar10_resnet18_tiny", "--data-dir", str(tmp_path), "--workdir",
-                 str(tmp_path / "run"), "--progress", "false"]) == 2
+                 str(tmp_path / "run"), "--progress", "false"]) == 1   # a data error (exit 2 is for bad flags)
     err = capsys.readouterr().err
+    assert not (tmp_path / "run").exists()   # a failed start leaves nothing behind
     for name in ("cifar-10-python.tar.gz", "cifar-10-batches-py/", "cifar10-jpeg-q75.tar.gz", "array_record",
                  "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", str(tmp_path)):
         assert name in err, name
