@@ -103,18 +103,19 @@ def build_parser(preset: str = "mnist_mlp") -> argparse.ArgumentParser:
         "One process per host (or per GPU), all started with the same flags except --process-id; each loads "
         "only its share of every global batch, process 0 writes the run's files. Each flag may instead come from "
         "its environment variable (a flag wins), so a cluster launcher can set them.")
-    launch.add_argument("--num-processes", dest="num_processes", default=None, metavar="N|auto",
+    launch.add_argument("--num-processes", dest="num_processes", default=argparse.SUPPRESS, metavar="N|auto",
                         help="number of processes ($JAX_NUM_PROCESSES); auto: jax.distributed.initialize() "
                              "with cluster auto-detection (TPU, SLURM, Open MPI). Default: one process")
-    launch.add_argument("--process-id", dest="process_id", default=None, metavar="I",
+    launch.add_argument("--process-id", dest="process_id", default=argparse.SUPPRESS, metavar="I",
                         help="this process's index in [0, N) ($JAX_PROCESS_ID)")
-    launch.add_argument("--coordinator", dest="coordinator", default=None, metavar="HOST:PORT",
+    launch.add_argument("--coordinator", dest="coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
                         help="address of process 0's coordination service, reachable by all processes "
                              "($JAX_COORDINATOR_ADDRESS)")
-    launch.add_argument("--init-timeout", dest="init_timeout", default=None, metavar="SECONDS",
+    launch.add_argument("--init-timeout", dest="init_timeout", default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"how long processes wait for each other at start-up ($SRIGL_INIT_TIMEOUT). "
                              f"Default: {DEFAULT_INIT_TIMEOUT}")
-    launch.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", default=None, metavar="SECONDS",
+    launch.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", default=argparse.SUPPRESS,
+                        metavar="SECONDS",
                         help=f"a process silent this long is declared lost and every other process exits "
                              f"non-zero, with a message naming it ($SRIGL_HEARTBEAT_TIMEOUT). "
                              f"Default: {DEFAULT_HEARTBEAT_TIMEOUT}")
@@ -153,7 +154,7 @@ def _main(argv: typing.Sequence[str] | None = None) -> int:
     parser = build_parser(_preset_in(argv))
     args = vars(parser.parse_args(argv))
     name, extend = args.pop("config"), args.pop("extend", False)
-    launch_flags = {k: args.pop(k) for k in ENV_VARS}
+    launch_flags = {k: args.pop(k, None) for k in ENV_VARS}
     try:
         launch = parse_launch(launch_flags)
     except LaunchError as e:

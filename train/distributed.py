@@ -173,24 +173,6 @@ def process_rows(n: int, index: int | None = None, count: int | None = None) -> 
     return slice(index * part, (index + 1) * part)
 
 
-def check_same_everywhere(value: Any, what: str) -> None:
-    """Raise RuntimeError unless ``value`` (a small JSON-able object) is the same on every process."""
-    import jax
-    if jax.process_count() == 1:
-        return
-    import hashlib
-    import json
-
-    import numpy as np
-    from jax.experimental import multihost_utils
-    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()[:8]
-    mine = np.frombuffer(digest, np.uint32)
-    every = np.asarray(multihost_utils.process_allgather(mine))
-    if not (every == mine).all():
-        bad = [i for i in range(every.shape[0]) if not (every[i] == mine).all()]
-        raise RuntimeError(f"{what} differs between processes (process {jax.process_index()} vs {bad})")
-
-
 def check_masks_agree(fingerprint: int, step: int) -> list[int]:
     """All processes' mask fingerprints at ``step`` (collective); RuntimeError naming the processes whose masks
     differ from process 0's."""

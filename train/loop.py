@@ -499,6 +499,9 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
     start = int(jax.device_get(get_state(state, cfg.mode).step))
     end = total_steps if cfg.stop_after is None else max(start, min(total_steps, cfg.stop_after))
     bad_steps = jnp.zeros((), jnp.int32)  # device counter: no host sync per step
+    # pmap across processes: one step in flight at a time (with several in flight, runs of 2 processes on CPU
+    # occasionally deadlocked in the cross-process reduction; "sharded" keeps asynchronous dispatch).
+    sync_each_step = cfg.mode == "pmap" and jax.process_count() > 1
     last_good_ckpt = resume_step
     last = {}
     interrupted = None
@@ -508,6 +511,8 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
         for step in range(start + 1, end + 1):
             batch = shard_batch(next(iterator), cfg.mode)
             state, metrics = step_fn(state, batch)
+            if sync_each_step:
+                state = jax.block_until_ready(state)
             bad_steps = bad_steps + metrics["nonfinite"]
             bar.update(1)
             interrupted = stop.poll(step)
