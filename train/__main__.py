@@ -117,7 +117,7 @@ def build_parser(preset: str = "mnist_mlp") -> argparse.ArgumentParser:
     launch.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", default=argparse.SUPPRESS,
                         metavar="SECONDS",
                         help=f"a process silent this long is declared lost and every other process exits "
-                             f"non-zero, with a message naming it ($SRIGL_HEARTBEAT_TIMEOUT). "
+                             f"non-zero (a watchdog names it after 0.4 x this; $SRIGL_HEARTBEAT_TIMEOUT). "
                              f"Default: {DEFAULT_HEARTBEAT_TIMEOUT}")
     return parser
 
@@ -171,6 +171,7 @@ def _main(argv: typing.Sequence[str] | None = None) -> int:
         from train.report import summary_text
         from train import distributed
         distributed.initialize(launch)
+        distributed.start_watchdog(launch)
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted before training started; nothing was written.", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -190,6 +191,7 @@ def _main(argv: typing.Sequence[str] | None = None) -> int:
               f"resume).", file=sys.stderr)
         return 128 + signal.SIGINT
 
+    distributed.stop_watchdog()  # finished normally (the others may still be writing): silence is expected now
     s = result.summary
     if not distributed.is_primary():  # process 0 reports for the run
         return 128 + result.signal if result.status == "interrupted" else 0

@@ -193,3 +193,82 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+class Watchdog:
+    """Names a lost process in one line before JAX's own abort (whose fatal log is long and names it only as a
+    task number). A daemon thread publishes a counter for this process in the coordination service's key-value
+    store every ``interval`` s and reads every process's; one whose counter has not moved for ``after`` s (less
+    than the heartbeat timeout) is reported and this process exits 1 at once. :meth:`done` marks this process
+    as finished (its silence is then expected). The coordinator (process 0) lost: the key-value store is gone,
+    reported the same way."""
+
+    def __init__(self, client: Any, index: int, count: int, after: float, interval: float = 1.0):
+        import threading
+        self.client, self.index, self.count, self.after, self.interval = client, index, count, after, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="srigl-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def done(self) -> None:
+        self._stop.set()
+        try:
+            self.client.key_value_set(f"srigl_watchdog/{self.index}", "done", allow_overwrite=True)
+        except Exception:
+            pass
+
+    def _lost(self, who: str, seconds: float) -> None:
+        import sys
+        print(f"python -m train: error: {who} stopped responding (no sign of life for {seconds:.0f} s); process "
+              f"{self.index} exits too. Re-launch all processes to resume from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def _run(self) -> None:
+        import time
+        beat, seen, since = 0, {}, time.monotonic()
+        while not self._stop.wait(self.interval):
+            beat += 1
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(f"srigl_watchdog/{self.index}", str(beat), allow_overwrite=True)
+                values = dict(self.client.key_value_dir_get("srigl_watchdog/"))
+                since = now
+            except Exception:
+                if self._stop.is_set():
+                    return
+                if now - since > self.after:
+                    self._lost("process 0 (the coordinator)", now - since)
+                continue
+            for j in range(self.count):
+                value = values.get(f"srigl_watchdog/{j}")
+                if j == self.index or value == "done":
+                    continue
+                if value is None or seen.get(j, (None,))[0] != value:
+                    seen[j] = (value, now)
+                elif now - seen[j][1] > self.after:
+                    self._lost(f"process {j}", now - seen[j][1])
+
+
+_watchdog: Watchdog | None = None
+
+
+def start_watchdog(launch: Launch) -> None:
+    """Start the :class:`Watchdog` of a multi-process launch (after :func:`initialize`); nothing otherwise."""
+    global _watchdog
+    import jax
+    from jax._src import distributed as _dist
+    client = _dist.global_state.client
+    if client is None or jax.process_count() == 1 or _watchdog is not None:
+        return
+    after = max(2.0, 0.4 * launch.heartbeat_timeout)
+    _watchdog = Watchdog(client, jax.process_index(), jax.process_count(), after).start()
+
+
+def stop_watchdog() -> None:
+    """This process finished normally: the others will not report its silence."""
+    if _watchdog is not None:
+        _watchdog.done()
