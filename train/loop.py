@@ -443,9 +443,8 @@ def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], c
         if distributed.is_primary():
             dest = _move_aside(ckpt.step_dir(s), workdir)
             _say(f"warning: {reason.rstrip('.')}; skipped it and moved it to {dest} (nothing deleted).")
-    if skipped:
+    if skipped:  # the manager caches its step list (and every process waits until process 0 moved them)
         distributed.barrier("damaged checkpoints moved aside")
-    if skipped:  # the manager caches its step list
         ckpt.close()
         ckpt = None
     if resume_step is not None:
