@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import signal
@@ -15,6 +16,8 @@ import sys
 import textwrap
 import typing
 
+from train.distributed import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_INIT_TIMEOUT, ENV_VARS, LaunchError, \
+    parse_launch
 from train.configs import CONFIGS, RULES, Config, ConfigError, allowed_text, field_kind, get_config, parse_field, \
     show_value
 
@@ -23,6 +26,12 @@ Resuming: re-running a command continues its workdir from the newest intact chec
 skipped with a warning and moved to WORKDIR/damaged-checkpoints/; nothing is deleted). A finished run is
 reported as already complete and left untouched. Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes
 a checkpoint and exits with 130/143; run the same command to resume.
+
+Multi-process runs (see the launch flags below): SIGTERM to any one process makes every process stop at the
+same step (JAX's preemption sync point), write the checkpoint together and exit 143. SIGINT to one process
+aborts it without a checkpoint (Ctrl-C in a terminal reaches every local process of the group, which then all
+abort); the others then exit non-zero within --heartbeat-timeout seconds. A process killed outright has the
+same effect. Re-launching all processes resumes from the last complete checkpoint.
 
 Changing a schedule field on resume (--steps/--epochs, --lr, --lr-schedule, --lr-decay-epochs,
 --lr-decay-factor, --warmup-epochs, --delta-t, --t-end-frac, --alpha) is an error unless --extend is given.
@@ -89,6 +98,27 @@ def build_parser(preset: str = "mnist_mlp") -> argparse.ArgumentParser:
         parser.add_argument(flag, help=help_text, **common)
         if "_" in field.name:  # --delta_t works too (not listed in --help)
             parser.add_argument("--" + field.name, help=argparse.SUPPRESS, **common)
+    launch = parser.add_argument_group(
+        "multi-process launch (launch settings, not run settings: a run resumes under any launch)",
+        "One process per host (or per GPU), all started with the same flags except --process-id; each loads "
+        "only its share of every global batch, process 0 writes the run's files. Each flag may instead come from "
+        "its environment variable (a flag wins), so a cluster launcher can set them.")
+    launch.add_argument("--num-processes", dest="num_processes", default=argparse.SUPPRESS, metavar="N|auto",
+                        help="number of processes ($JAX_NUM_PROCESSES); auto: jax.distributed.initialize() "
+                             "with cluster auto-detection (TPU, SLURM, Open MPI). Default: one process")
+    launch.add_argument("--process-id", dest="process_id", default=argparse.SUPPRESS, metavar="I",
+                        help="this process's index in [0, N) ($JAX_PROCESS_ID)")
+    launch.add_argument("--coordinator", dest="coordinator", default=argparse.SUPPRESS, metavar="HOST:PORT",
+                        help="address of process 0's coordination service, reachable by all processes "
+                             "($JAX_COORDINATOR_ADDRESS)")
+    launch.add_argument("--init-timeout", dest="init_timeout", default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"how long processes wait for each other at start-up ($SRIGL_INIT_TIMEOUT). "
+                             f"Default: {DEFAULT_INIT_TIMEOUT}")
+    launch.add_argument("--heartbeat-timeout", dest="heartbeat_timeout", default=argparse.SUPPRESS,
+                        metavar="SECONDS",
+                        help=f"a process silent this long is declared lost and every other process exits "
+                             f"non-zero (a watchdog names it after 0.4 x this; $SRIGL_HEARTBEAT_TIMEOUT). "
+                             f"Default: {DEFAULT_HEARTBEAT_TIMEOUT}")
     return parser
 
 
@@ -107,10 +137,28 @@ def _preset_in(argv: typing.Sequence[str]) -> str:
 
 
 def main(argv: typing.Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if code and "jax" in sys.modules:
+        from train import distributed
+        if distributed.process_count() > 1:
+            # Skip jax.distributed's shutdown barrier (it would wait for the other processes, which are stuck in
+            # a collective with this one): exit now; the others see its heartbeats stop and exit too.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _main(argv: typing.Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_preset_in(argv))
     args = vars(parser.parse_args(argv))
     name, extend = args.pop("config"), args.pop("extend", False)
+    launch_flags = {k: args.pop(k, None) for k in ENV_VARS}
+    try:
+        launch = parse_launch(launch_flags)
+    except LaunchError as e:
+        parser.error(str(e))
     try:
         cfg = get_config(name, **args)
     except ConfigError as e:
@@ -121,6 +169,9 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
         from train.data import DataError
         from train.loop import NonFiniteError, SetupError, train
         from train.report import summary_text
+        from train import distributed
+        distributed.initialize(launch)
+        distributed.start_watchdog(launch)
     except KeyboardInterrupt:
         print(f"\n{parser.prog}: interrupted before training started; nothing was written.", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -140,7 +191,10 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
               f"resume).", file=sys.stderr)
         return 128 + signal.SIGINT
 
+    distributed.stop_watchdog()  # finished normally (the others may still be writing): silence is expected now
     s = result.summary
+    if not distributed.is_primary():  # process 0 reports for the run
+        return 128 + result.signal if result.status == "interrupted" else 0
     if result.status == "interrupted":
         print(f"\ninterrupted by {s['interrupted']} at step {s['steps']} of {s['total_steps']}; checkpoint "
               f"written to {result.checkpoint}. Resume with:\n  {command}", file=sys.stderr)

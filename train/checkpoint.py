@@ -170,6 +170,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any], accuracy: float | None = None) -> None:
         """Save ``state`` and ``meta`` at ``step``; ``accuracy`` (eval) ranks it for keep-the-best."""
         metrics = None if accuracy is None else {"accuracy": float(accuracy)}
+        state = _global_replicated(state)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics=metrics, force=True)
@@ -251,6 +252,9 @@ class Checkpointer:
                                            f"{self._hint()}")
         self.check_fits(step, abstract_state)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        if jax.process_count() > 1:  # all processes read together, onto arrays replicated over every device
+            replicated = _replicated_sharding()
+            target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=replicated), target)
         problem = None
         with _collect_orphaned_reads():
             try:
@@ -262,12 +266,36 @@ class Checkpointer:
             _install_late_filter()  # after the block: it must wrap the hook the block restored
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {problem}. {self._hint()}")
         _check_shapes(state, target, where, self._hint())
+        if jax.process_count() > 1:  # this process's copy, as a single-process restore gives (host arrays)
+            state = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x,
+                                 state)
         return state, meta
 
     def close(self) -> None:
         if not getattr(self, "_closed", False):
             self._closed = True
             self.manager.close()
+
+
+def _replicated_sharding() -> jax.sharding.NamedSharding:
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+
+
+def _global_replicated(state: Any) -> Any:
+    """Multi-process runs: orbax saves global arrays, every process calling save together. Leaves that are
+    process-local (a pmap run's unreplicated state, host arrays) become arrays replicated over all devices of
+    all processes (the values are the same on every process); global ones are kept. One process: unchanged."""
+    if jax.process_count() == 1:
+        return state
+    replicated = _replicated_sharding()
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        return jax.make_array_from_process_local_data(replicated, np.asarray(x))
+
+    return jax.tree.map(one, state)
 
 
 def _check_shapes(state: Any, target: Any, where: Path, hint: str) -> None:

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
+import inspect
 import io
 import os
 import pickle
@@ -511,13 +512,20 @@ def normalize(images_u8: np.ndarray, mean: Sequence[float], std: Sequence[float]
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Standard CIFAR augmentation: zero-pad by ``pad`` pixels, random crop back, random horizontal flip."""
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4, total: int | None = None,
+                     rows: slice | None = None) -> np.ndarray:
+    """Standard CIFAR augmentation: zero-pad by ``pad`` pixels, random crop back, random horizontal flip.
+
+    ``images`` may be the ``rows`` of a batch of ``total`` examples (one process's share): the random draws
+    are those of the whole batch, so each row gets the augmentation it gets in the whole batch."""
     n, h, w, _ = images.shape
+    total = n if total is None else total
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    dy = rng.integers(0, 2 * pad + 1, n)
-    dx = rng.integers(0, 2 * pad + 1, n)
-    flip = rng.random(n) < 0.5
+    dy = rng.integers(0, 2 * pad + 1, total)
+    dx = rng.integers(0, 2 * pad + 1, total)
+    flip = rng.random(total) < 0.5
+    if rows is not None:
+        dy, dx, flip = dy[rows], dx[rows], flip[rows]
     out = np.empty_like(images)
     for i in range(n):
         crop = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
@@ -564,6 +572,10 @@ class ExampleSource(Protocol):
 
     def get(self, indices: np.ndarray, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]: ...
 
+    # Optional: ``get(indices, rng, rows=slice)`` builds only ``rows`` of the batch, with the augmentation those
+    # rows get in the whole batch (multi-process runs: each process builds its share). Sources without it are
+    # built whole and sliced.
+
 
 @dataclasses.dataclass
 class ArraySource:
@@ -576,11 +588,20 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, indices, rng):
-        images = self.images[indices]
+    def get(self, indices, rng, rows: slice | None = None):
+        if rows is None:
+            images = self.images[indices]
+            if self.augment is not None and rng is not None:
+                images = self.augment(images, rng)
+            return images, self.labels[indices]
+        part = indices[rows]
+        images = self.images[part]
         if self.augment is not None and rng is not None:
-            images = self.augment(images, rng)
-        return images, self.labels[indices]
+            if _takes_rows(self.augment):
+                images = self.augment(images, rng, total=len(indices), rows=rows)
+            else:  # an augmentation that draws for the whole batch only: build the whole batch, keep the rows
+                images = self.augment(self.images[indices], rng)[rows]
+        return images, self.labels[part]
 
 
 def _decode_image(image: Any) -> np.ndarray:
@@ -623,9 +644,11 @@ class RecordSource:
             img = imagenet_eval_transform(img, self.image_size)
         return img, int(rec["label"])
 
-    def get(self, indices, rng):
+    def get(self, indices, rng, rows: slice | None = None):
+        seeds = rng.integers(0, 2 ** 63, len(indices)).tolist() if rng is not None else [None] * len(indices)
+        if rows is not None:  # this process's share: the seeds are those of the whole batch
+            indices, seeds = np.asarray(indices)[rows], seeds[rows]
         records = _get_records(self.records, indices)
-        seeds = rng.integers(0, 2 ** 63, len(records)).tolist() if rng is not None else [None] * len(records)
         if self._pool is None:
             workers = self.num_workers or os.cpu_count() or 1
             self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode")
@@ -654,6 +677,28 @@ class SubsetRecords:
         return _get_records(self.records, indices)
 
 
+def _takes_rows(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rows" in params and "total" in params
+
+
+def _source_rows(source: "ExampleSource", indices: np.ndarray, rng, rows: slice | None):
+    """``source.get`` of the ``rows`` of a batch (all of it for None), for sources with or without ``rows``."""
+    if rows is None:
+        return source.get(indices, rng)
+    try:
+        takes = "rows" in inspect.signature(source.get).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if takes:
+        return source.get(indices, rng, rows=rows)
+    images, labels = source.get(indices, rng)
+    return images[rows], labels[rows]
+
+
 @dataclasses.dataclass
 class BatchIterator:
     """Infinite, shuffled, resumable training batches.
@@ -663,6 +708,10 @@ class BatchIterator:
     :meth:`position` / :meth:`restore` are all that checkpointing needs. Incomplete last batches are dropped.
     If the source has ``prefetch > 0`` (record sources), the next batch is built in a background thread while
     the current one is used; the batches and positions are the same as without.
+
+    Multi-process runs: with ``process_count > 1`` each iterator yields only rows
+    ``[process_index * B / P, (process_index + 1) * B / P)`` of every global batch of ``batch_size`` B (the
+    same global batches as one process, built only where needed; see ``train.distributed.process_rows``).
     """
 
     source: ExampleSource
@@ -672,10 +721,15 @@ class BatchIterator:
     std: tuple[float, ...]
     epoch: int = 0
     index: int = 0
+    process_index: int = 0
+    process_count: int = 1
 
     def __post_init__(self):
         if self.batch_size > len(self.source):
             raise ValueError(f"batch size {self.batch_size} exceeds dataset size {len(self.source)}")
+        if self.batch_size % self.process_count or not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"batch size {self.batch_size} does not split over {self.process_count} processes "
+                             f"(or process index {self.process_index} is out of range)")
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._pending: tuple[tuple[int, int], concurrent.futures.Future] | None = None
@@ -705,7 +759,11 @@ class BatchIterator:
     def _batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         idx = self._permutation(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         rng = np.random.default_rng([self.seed, epoch, index])
-        images, labels = self.source.get(idx, rng)
+        rows = None
+        if self.process_count > 1:
+            part = self.batch_size // self.process_count
+            rows = slice(self.process_index * part, (self.process_index + 1) * part)
+        images, labels = _source_rows(self.source, idx, rng, rows)
         return {"image": normalize(images, self.mean, self.std), "label": labels}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -726,13 +784,25 @@ class BatchIterator:
         return batch
 
 
-def eval_batches(source: ExampleSource, batch_size: int, mean, std) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-size evaluation batches in order; the last one is zero-padded, ``valid`` flags real examples."""
+def eval_batches(source: ExampleSource, batch_size: int, mean, std, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size evaluation batches in order; the last one is zero-padded, ``valid`` flags real examples.
+
+    With ``process_count > 1``: this process's rows of every global batch of ``batch_size`` (equal parts, in
+    process order; padding included), so every process yields the same number of batches."""
     n = len(source)
+    if batch_size % process_count:
+        raise ValueError(f"eval batch size {batch_size} does not split over {process_count} processes")
+    part = batch_size // process_count
     for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        images, labels = source.get(idx, None)
-        pad = batch_size - len(idx)
+        lo = start + process_index * part
+        idx = np.arange(min(lo, n), min(lo + part, n))
+        if len(idx):
+            images, labels = source.get(idx, None)
+        else:  # this process's share is all padding
+            images, labels = source.get(np.arange(1), None)
+            images, labels = images[:0], labels[:0]
+        pad = part - len(idx)
         valid = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
         if pad:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import srigl_jax as sj
 from train import data as data_lib
+from train import distributed
 from train import report
 from train.checkpoint import CheckpointError, Checkpointer, IncompatibleRunError, config_fingerprint
 from train.configs import IDENTITY_FIELDS, SCHEDULE_FIELDS, Config, ConfigError, flag_name, resolve_steps, \
@@ -140,8 +141,11 @@ def evaluate(eval_fn: Callable, state: TrainState, source: data_lib.ExampleSourc
              bundle: data_lib.DataBundle) -> dict[str, float]:
     """Test accuracy and mean loss over the whole test set."""
     totals = None
-    for batch in data_lib.eval_batches(source, cfg.eval_batch_size, bundle.mean, bundle.std):
+    for batch in data_lib.eval_batches(source, cfg.eval_batch_size, bundle.mean, bundle.std,
+                                       jax.process_index(), jax.process_count()):
         sums = eval_fn(state, shard_batch(batch, cfg.mode))
+        if jax.process_count() > 1:  # one cross-process reduction in flight at a time
+            sums = jax.block_until_ready(sums)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     return {"test_accuracy": float(totals["correct"] / totals["count"]),
@@ -183,7 +187,9 @@ def build_run(cfg: Config) -> RunSetup:
     bundle = data_lib.load_data(cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.augment, cfg.image_size,
                                 cfg.train_subset)
     model, spec = build_model(cfg.model, bundle.num_classes, **cfg.model_kwargs)
-    iterator = data_lib.BatchIterator(bundle.train, cfg.batch_size, cfg.seed, bundle.mean, bundle.std)
+    # Each process builds only its rows of every global batch (the same global batches as one process).
+    iterator = data_lib.BatchIterator(bundle.train, cfg.batch_size, cfg.seed, bundle.mean, bundle.std,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = resolve_steps(cfg, iterator.batches_per_epoch)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     # One jit for each init: op-by-op initialisation would compile every initializer separately.
@@ -212,8 +218,22 @@ class ResumeError(IncompatibleRunError):
 
 
 def _say(message: str) -> None:
-    """A status line for the person running the job (stderr, so stdout keeps only the result tables)."""
-    print(message, file=sys.stderr, flush=True)
+    """A status line for the person running the job (stderr, so stdout keeps only the result tables); in a
+    multi-process run only process 0 speaks."""
+    if distributed.is_primary():
+        print(message, file=sys.stderr, flush=True)
+
+
+def mask_fingerprint(masks: Any) -> jax.Array:
+    """A uint32 fingerprint of a mask tree (which positions of which leaf are active), exact integer arithmetic
+    (sums mod 2^32, so the reduction order does not matter): equal masks give equal fingerprints everywhere."""
+    total = jnp.zeros((), jnp.uint32)
+    for i, m in enumerate(jax.tree.leaves(masks)):
+        idx = jnp.arange(m.size, dtype=jnp.uint32)
+        h = (idx * jnp.uint32(2654435761)) ^ jnp.uint32((i * 40503 + 1) & 0xFFFFFFFF)
+        h = h * jnp.uint32(2246822519) + jnp.uint32(i)
+        total = total + jnp.sum(jnp.where(m.reshape(-1), h, jnp.uint32(0)), dtype=jnp.uint32)
+    return total
 
 
 def _validate_runtime(cfg: Config) -> None:
@@ -223,8 +243,12 @@ def _validate_runtime(cfg: Config) -> None:
     except TypeError as e:
         raise ConfigError("model_kwargs", cfg.model_kwargs, f"constructor arguments of model {cfg.model}",
                           str(e).split("\n")[0]) from None
+    if cfg.mode == "single" and jax.process_count() > 1:
+        raise ConfigError("mode", cfg.mode, "pmap | sharded",
+                          f"a run of {jax.process_count()} processes needs data parallelism over all of them")
     if cfg.mode != "single":
         n_dev = jax.local_device_count() if cfg.mode == "pmap" else jax.device_count()
+        n_dev *= jax.process_count() if cfg.mode == "pmap" else 1
         for name in ("batch_size", "eval_batch_size"):
             if getattr(cfg, name) % n_dev:
                 raise ConfigError(name, getattr(cfg, name), f"a multiple of the {n_dev} devices of --mode {cfg.mode}")
@@ -279,11 +303,29 @@ def _move_aside(path: Path, workdir: Path) -> Path:
 class _StopOnSignal:
     """Inside the block, SIGINT/SIGTERM only set ``signum``: the loop finishes its step, checkpoints and
     returns. A second SIGINT raises KeyboardInterrupt at once (abort without saving). The previous handlers
-    are restored on exit. Outside the main thread (where handlers cannot be set) nothing changes."""
+    are restored on exit. Outside the main thread (where handlers cannot be set) nothing changes.
+
+    Multi-process runs: no handler is installed (a stop must happen at the same step on every process). JAX's
+    own SIGTERM handler (its preemption notifier) tells every process, and :meth:`poll` returns SIGTERM on all
+    of them at the same step (``multihost_utils.reached_preemption_sync_point``). SIGINT keeps Python's default
+    (KeyboardInterrupt: that process aborts without a checkpoint; the others stop when its heartbeats do)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._multi = jax.process_count() > 1
+
+    def poll(self, step: int) -> int | None:
+        """The signal to stop on after ``step`` (None: go on); collective in multi-process runs (every process
+        calls it at every step)."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signum = signal.SIGTERM
+            except RuntimeError:  # no preemption service (e.g. initialised without it): signals not handled
+                self._multi = None
+        return self.signum
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -291,7 +333,7 @@ class _StopOnSignal:
         self.signum = signum
 
     def __enter__(self) -> "_StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and self._multi is False:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -398,9 +440,11 @@ def _train(cfg: Config, extend: bool, workdir: Path, cfg_dict: dict[str, Any], c
 
     # 4. From here on the run writes: move damaged checkpoints aside (never deleted), create the workdir.
     for s, reason in sorted(skipped, reverse=True):
-        dest = _move_aside(ckpt.step_dir(s), workdir)
-        _say(f"warning: {reason.rstrip('.')}; skipped it and moved it to {dest} (nothing deleted).")
-    if skipped:  # the manager caches its step list
+        if distributed.is_primary():
+            dest = _move_aside(ckpt.step_dir(s), workdir)
+            _say(f"warning: {reason.rstrip('.')}; skipped it and moved it to {dest} (nothing deleted).")
+    if skipped:  # the manager caches its step list (and every process waits until process 0 moved them)
+        distributed.barrier("damaged checkpoints moved aside")
         ckpt.close()
         ckpt = None
     if resume_step is not None:
@@ -430,14 +474,19 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
     extensions = list(meta.get("extensions", []))
     if schedule_changes:
         extensions.append({"at_step": resume_step, "changed": {k: list(v) for k, v in schedule_changes.items()}})
-    (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
-    log = report.MetricsLog(workdir / "metrics.jsonl", resume_step)
+    primary = distributed.is_primary()  # only process 0 writes the run's files and prints
+    if primary:
+        (workdir / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+        log = report.MetricsLog(workdir / "metrics.jsonl", resume_step)
+    else:
+        log = report.NullLog()
 
     state = put_state(state, cfg.mode)
     step_fn = make_train_step(run.loss_fn, tx, mode=cfg.mode)
     eval_fn = make_eval_step(run.apply_fn, mode=cfg.mode)
     metrics_fn = jax.jit(lambda masks, itop: {**sj.sparsity_metrics(masks, plans),
-                                              "itop_rate": sj.itop_rate(itop, plans)})
+                                              "itop_rate": sj.itop_rate(itop, plans),
+                                              "mask_fingerprint": mask_fingerprint(masks)})
     has_sparse = any(not p.is_dense for p in plans.values())
 
     def mask_metrics(host_state: TrainState) -> dict[str, Any]:
@@ -449,18 +498,23 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
     start = int(jax.device_get(get_state(state, cfg.mode).step))
     end = total_steps if cfg.stop_after is None else max(start, min(total_steps, cfg.stop_after))
     bad_steps = jnp.zeros((), jnp.int32)  # device counter: no host sync per step
+    # pmap across processes: one step in flight at a time (with several in flight, runs of 2 processes on CPU
+    # occasionally deadlocked in the cross-process reduction; "sharded" keeps asynchronous dispatch).
+    sync_each_step = cfg.mode == "pmap" and jax.process_count() > 1
     last_good_ckpt = resume_step
     last = {}
     interrupted = None
     bar = tqdm(total=end, initial=start, desc=f"{cfg.name} {cfg.method}", unit="step",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not (cfg.progress and primary), dynamic_ncols=True)
     with _StopOnSignal() as stop:
         for step in range(start + 1, end + 1):
             batch = shard_batch(next(iterator), cfg.mode)
             state, metrics = step_fn(state, batch)
+            if sync_each_step:
+                state = jax.block_until_ready(state)
             bad_steps = bad_steps + metrics["nonfinite"]
             bar.update(1)
-            interrupted = stop.signum
+            interrupted = stop.poll(step)
             do_eval = step % cfg.eval_every == 0 or step == end
             do_ckpt = do_eval or step % cfg.ckpt_every == 0 or step == end or interrupted is not None
             if not (do_eval or do_ckpt or step % cfg.log_every == 0):
@@ -472,7 +526,10 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
                       "loss": float(host_metrics["loss"]), "train_accuracy": float(host_metrics["accuracy"]),
                       "global_sparsity": sparsity["global_sparsity"],
                       "active_neuron_fraction": sparsity["active_neuron_fraction"],
-                      "itop_rate": sparsity["itop_rate"], "nonfinite_steps": int(n_bad)}
+                      "itop_rate": sparsity["itop_rate"], "nonfinite_steps": int(n_bad),
+                      "mask_fingerprint": int(sparsity["mask_fingerprint"])}
+            if jax.process_count() > 1:  # every process must hold the same masks: check, and record the proof
+                record["mask_fingerprints"] = distributed.check_masks_agree(record["mask_fingerprint"], step)
             if n_bad or not np.isfinite(record["loss"]):
                 log.write(record)
                 bar.close()
@@ -527,8 +584,9 @@ def _run_loop(cfg: Config, workdir: Path, cfg_dict: dict[str, Any], ckpt: Checkp
                "workdir": str(workdir), "layers": last["layers"]}
     if extensions:
         summary["extensions"] = extensions
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    report.plot_metrics(report.read_metrics(workdir / "metrics.jsonl"), workdir / "training.png",
-                        title=f"{cfg.name} {cfg.method} S={cfg.sparsity:g} seed {cfg.seed}")
+    if primary:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        report.plot_metrics(report.read_metrics(workdir / "metrics.jsonl"), workdir / "training.png",
+                            title=f"{cfg.name} {cfg.method} S={cfg.sparsity:g} seed {cfg.seed}")
     return RunResult(summary, final_state, status="finished" if finished else "stopped",
                      checkpoint=ckpt.step_dir(steps_done) if ckpt.step_dir(steps_done).is_dir() else None)

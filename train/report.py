@@ -33,6 +33,13 @@ class MetricsLog:
             f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
 
+class NullLog:
+    """The MetricsLog of processes other than 0 in a multi-process run: writes nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics JSONL file (missing file -> [])."""
     path = Path(path)
