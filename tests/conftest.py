@@ -7,16 +7,20 @@ import tempfile
 
 import jax  # noqa: E402  (first, so that the cache settings below reach only the subprocesses)
 
-# The pytest process itself runs without the on-disk compilation cache: twice in full-suite runs it aborted
-# (SIGABRT) while deserialising a cache entry in test_sparse_optimizer, after subprocess tests had written to
-# the same cache. Subprocesses (multi-device and multi-process runs, notebooks, benchmarks) share one fresh
-# cache per test session through the environment, removed at the end.
+# One fresh on-disk compilation cache per test session, removed at the end: subprocesses (multi-device and
+# multi-process runs, notebooks, benchmarks) get it through the environment, and the end-to-end training tests
+# opt in with train.testing.persistent_compile_cache. The pytest process does not use it otherwise. (A fixed
+# cache path shared by concurrent sessions of different code once held an entry that aborted a later run,
+# SIGABRT, while it was deserialised.)
 jax.config.update("jax_compilation_cache_dir", None)
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="srigl_jax_test_compile_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+from train.testing import persistent_compile_cache  # noqa: E402
 
 settings.register_profile(
     "ci",
@@ -26,6 +30,14 @@ settings.register_profile(
     derandomize=True,
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(scope="module")
+def compile_cache():
+    """The session's on-disk compilation cache, for modules of end-to-end training runs that compile the same
+    train step again and again (``pytestmark = pytest.mark.usefixtures("compile_cache")``)."""
+    with persistent_compile_cache() as path:
+        yield path
 
 
 def pytest_sessionfinish(session, exitstatus):

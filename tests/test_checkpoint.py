@@ -3,7 +3,6 @@ import re
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,17 +12,10 @@ from train.checkpoint import Checkpointer, CheckpointError, IncompatibleRunError
 from train.configs import get_config
 from train.loop import ResumeError, make_lr_schedule, train
 from train.testing import TINY_RUN as TINY
-from train.testing import persistent_compile_cache
+from train.testing import trees_equal
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache():
-    with persistent_compile_cache():
-        yield
-
-
-def _tree_equal(a, b):
-    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _snapshot(directory: Path) -> dict:
@@ -37,8 +29,8 @@ def _files(directory: Path) -> dict:
 
 def _assert_same_state(a, b):
     for field in ("step", "params", "opt_state"):
-        assert _tree_equal(getattr(a, field), getattr(b, field)), f"{field} differs after resume"
-    assert _tree_equal(a, b), "some other TrainState field differs after resume"  # masks, ITOP, rng, ...
+        assert trees_equal(getattr(a, field), getattr(b, field)), f"{field} differs after resume"
+    assert trees_equal(a, b), "some other TrainState field differs after resume"  # masks, ITOP, rng, ...
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +170,7 @@ def test_shape_mismatch_and_fingerprint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="seed: checkpoint=0 run=1"):
         ckpt.restore(_tiny_state(), 1, config_fingerprint({"model": "mlp", "sparsity": 0.9, "seed": 1}))
     state, _ = ckpt.restore(_tiny_state(), 1, fp)  # the matching run restores fine
-    assert _tree_equal(state, _tiny_state())
+    assert trees_equal(state, _tiny_state())
     assert _snapshot(tmp_path / "ck") == before
     ckpt.close()
 

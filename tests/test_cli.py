@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
 from train.__main__ import build_parser, main
@@ -19,19 +17,12 @@ from train.loop import make_algo, train
 from train.models import MODELS, build_model
 from train.steps import MODES as STEP_MODES
 from train.testing import TINY_RUN as TINY
-from train.testing import persistent_compile_cache
+from train.testing import trees_equal
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache():
-    with persistent_compile_cache():
-        yield
-
-
-def _tree_equal(a, b):
-    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -215,6 +206,6 @@ def test_signal_mid_run_checkpoints_and_resumes_bit_identically(tmp_path, full_r
         capsys.readouterr().err
     assert resumed.status == "finished"
     for field in ("step", "params", "opt_state"):
-        assert _tree_equal(getattr(full_run.state, field), getattr(resumed.state, field)), field
-    assert _tree_equal(full_run.state, resumed.state)  # masks and everything else too
+        assert trees_equal(getattr(full_run.state, field), getattr(resumed.state, field)), field
+    assert trees_equal(full_run.state, resumed.state)  # masks and everything else too
     assert resumed.summary["test_accuracy"] == full_run.summary["test_accuracy"]

@@ -11,13 +11,10 @@ from train.configs import CONFIGS, METHODS, get_config
 from train.loop import NonFiniteError, make_algo, make_lr_schedule, train
 from train.models import build_model, init_variables
 from train.testing import TINY_RUN as TINY
-from train.testing import constant_fan_in_violations, persistent_compile_cache
+from train.testing import constant_fan_in_violations
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache():
-    with persistent_compile_cache():
-        yield
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 def _cli_args(overrides: dict) -> list[str]:

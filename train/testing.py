@@ -5,7 +5,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -21,8 +21,12 @@ TINY_RUN = dict(steps=24, delta_t=5, eval_every=8, ckpt_every=8, log_every=4, pr
 @contextlib.contextmanager
 def persistent_compile_cache(directory: str | os.PathLike | None = None) -> Iterator[Path]:
     """Enable JAX's on-disk compilation cache (restored afterwards): repeated end-to-end runs in the tests
-    compile the same train step, and recompiling it costs tens of seconds on 2 CPU cores."""
-    path = Path(directory or Path(tempfile.gettempdir()) / "srigl_jax_test_compile_cache")
+    compile the same train step, and recompiling it costs tens of seconds on 2 CPU cores.
+
+    Default directory: ``$JAX_COMPILATION_CACHE_DIR`` (tests/conftest.py makes a fresh one per test session),
+    else a new temporary one. Never a fixed path shared by unrelated runs: an entry written there by a
+    concurrent session of other code crashed a later run while being read (SIGABRT)."""
+    path = Path(directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="jax_cache_"))
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     old = {n: getattr(jax.config, n) for n in names}
@@ -34,6 +38,11 @@ def persistent_compile_cache(directory: str | os.PathLike | None = None) -> Iter
     finally:
         for n, v in old.items():
             jax.config.update(n, v)
+
+
+def trees_equal(a: Any, b: Any) -> bool:
+    """True if two pytrees have the same structure and exactly equal leaves."""
+    return jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
 
 
 def constant_fan_in_violations(params, masks, plans: dict[str, sj.LayerPlan]) -> list[str]:
