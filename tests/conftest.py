@@ -4,14 +4,14 @@ compilation cache for the subprocesses some tests start (multi-device runs, note
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import jax  # noqa: E402  (first, so that the cache settings below reach only the subprocesses)
 
-# One fresh on-disk compilation cache per test session, removed at the end: subprocesses (multi-device and
-# multi-process runs, notebooks, benchmarks) get it through the environment, and the end-to-end training tests
-# opt in with train.testing.persistent_compile_cache. The pytest process does not use it otherwise. (A fixed
-# cache path shared by concurrent sessions of different code once held an entry that aborted a later run,
-# SIGABRT, while it was deserialised.)
+# One fresh on-disk compilation cache per test session, removed at the end: subprocesses (multi-device runs,
+# notebooks, benchmarks) get it through the environment; multi-process runs (gloo collectives) and the pytest
+# process itself (the end-to-end training modules opt in with the `compile_cache` fixture) use their own
+# sub-folders. A cache read across those settings aborted (SIGABRT) full runs while deserialising an entry.
 jax.config.update("jax_compilation_cache_dir", None)
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="srigl_jax_test_compile_cache_"))
@@ -36,7 +36,9 @@ settings.load_profile("ci")
 def compile_cache():
     """The session's on-disk compilation cache, for modules of end-to-end training runs that compile the same
     train step again and again (``pytestmark = pytest.mark.usefixtures("compile_cache")``)."""
-    with persistent_compile_cache() as path:
+    # Its own folder: the pytest process must never read an executable that a subprocess compiled under other
+    # settings (device count, gloo collectives) that the cache key may not capture: that aborted full runs.
+    with persistent_compile_cache(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]) / "pytest-process") as path:
         yield path
 
 

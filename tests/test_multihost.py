@@ -43,6 +43,8 @@ def _env(devices: int) -> dict:
                PYTHONPATH=str(REPO))
     for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
         env.pop(var, None)
+    if "JAX_COMPILATION_CACHE_DIR" in env:  # a cache of their own: gloo runs must not share executables
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"], f"multihost-{devices}dev")
     return env
 
 
