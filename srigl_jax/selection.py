@@ -138,13 +138,15 @@ def _threshold(keys_of, operands: tuple, n: jax.Array, key_bits: int, per_column
         hist, above = _window_histogram(keys_of(*operands), lo, shift, digit_bits, per_column)
         b, at, above_bin = _crossing_bin(hist, above, n)
         resolved = (at == n) | (shift == 0)
-        return (
+        new_state = (
             jnp.where(done, lo, lo + (b << shift)),
             jnp.where(done, shift, jnp.maximum(shift - digit_bits, 0)),
             jnp.where(done, c_at, at),
             jnp.where(done, c_above, above_bin),
             done | resolved,
         )
+        # Sums of int32 counts are int64 under jax_enable_x64; the loop carry keeps the state's dtypes.
+        return tuple(x.astype(old.dtype) for x, old in zip(new_state, state))
 
     def refine_all(state):
         return refine(operands, n, state)
@@ -200,9 +202,10 @@ def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: boo
         return (row * n_cols + col).reshape(1)
 
     keep_all_ties = jnp.full_like(n, n_rows - 1 if per_column else n_rows * n_cols - 1)
+    last_kept_tie = last_kept_tie_per_column if per_column else last_kept_tie_overall
     last_kept = lax.cond(
         jnp.any(surplus > 0),
-        last_kept_tie_per_column if per_column else last_kept_tie_overall,
+        lambda: last_kept_tie().astype(keep_all_ties.dtype),  # int sums widen under jax_enable_x64
         lambda: keep_all_ties,
     )
     return (keys > t) | (tie & (position <= last_kept))

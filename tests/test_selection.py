@@ -188,3 +188,18 @@ def test_perturb_ties_is_seeded_and_keeps_order_of_distinct_values():
     # Which tied entry wins depends on the seed (ties are no longer "lower index first").
     winners = {int(jnp.argmax(perturb_ties(s[:3], jax.random.key(i)))) for i in range(20)}
     assert len(winners) > 1
+
+
+def test_selection_under_x64_matches_default():
+    """Under jax_enable_x64 (e.g. float64 training) integer sums widen to int64: the selections must still
+    trace and select exactly the same entries."""
+    rng = np.random.default_rng(3)
+    score = jnp.asarray(np.round(rng.random((300, 700)) * 50).astype(np.float32))  # many ties, many columns
+    eligible = jnp.asarray(rng.random((300, 700)) < 0.8)
+    counts = jnp.asarray(rng.integers(0, 200, 700), jnp.int32)
+    want = (np.asarray(top_n_mask(score, eligible, 12345)), np.asarray(column_top_count_mask(score, eligible, counts)))
+    with jax.enable_x64(True):
+        got = (np.asarray(top_n_mask(score, eligible, 12345)),
+               np.asarray(column_top_count_mask(score, eligible, counts)))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
