@@ -38,6 +38,12 @@ def persistent_compile_cache(directory: str | os.PathLike | None = None) -> Iter
     finally:
         for n, v in old.items():
             jax.config.update(n, v)
+        # JAX decides once per process whether to use the cache; without a reset it keeps reading and writing
+        # this folder after the block. (In full test runs a later eager op aborted, SIGABRT, while reading an
+        # executable from it.)
+        from jax._src import compilation_cache  # private, but the only way to switch the cache off again
+
+        compilation_cache.reset_cache()
 
 
 def trees_equal(a: Any, b: Any) -> bool:
