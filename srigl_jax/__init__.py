@@ -6,7 +6,9 @@ optax transformation that owns masks, step, growth window and key (drop-in for o
 """
 
 from srigl_jax import analysis  # noqa: F401  (plotting is imported separately: it selects a backend)
+from srigl_jax import layout, rules  # noqa: F401
 from srigl_jax.algorithms import (
+    NM,
     SET,
     DynamicSparsity,
     MaskUpdateInfo,
@@ -38,7 +40,8 @@ from srigl_jax.optim import (
     sparse_step,
 )
 from srigl_jax.paths import path_str
-from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, LayerPlan, layer_sparsities
+from srigl_jax.layout import Layout, infer_layouts
+from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, FanIn, LayerPlan, layer_sparsities
 
 __version__ = "0.1.0"
 
@@ -54,7 +57,10 @@ __all__ = [
     "DEFAULT_DENSE_PATHS",
     "DEFAULT_SPARSE_PATTERN",
     "DynamicSparsity",
+    "FanIn",
+    "Layout",
     "LayerPlan",
+    "NM",
     "MaskUpdateInfo",
     "RigL",
     "SET",
@@ -67,11 +73,14 @@ __all__ = [
     "apply_masks",
     "get_masks",
     "get_sparse_state",
+    "infer_layouts",
     "init_itop",
     "itop_rate",
     "layer_sparsities",
+    "layout",
     "path_str",
     "reset_optimizer_state",
+    "rules",
     "sparse_apply",
     "sparse_optimizer",
     "sparse_step",

@@ -1,22 +1,25 @@
-"""SRigL and the baselines it is compared with (RigL, SET, Static), as configured objects whose
-methods are pure functions over pytrees (params, grads, masks) and run under ``jax.jit``.
+"""The driver of every sparse-training method, and SRigL and its baselines (RigL, SET, Static) as configured
+objects whose methods are pure functions over pytrees (params, grads, masks) and run under ``jax.jit``.
+
+A method is a per-layer rule (:mod:`srigl_jax.rules`); :class:`DynamicSparsity` does the rest: plans, slicing
+of stacked kernels, batching of equal layers into one compiled update, the schedule, the checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from srigl_jax import layer_updates as lu
 from srigl_jax import schedule
+from srigl_jax.layout import Axes
 from srigl_jax.paths import named_leaves
 from srigl_jax.plans import DEFAULT_DENSE_PATHS, DEFAULT_SPARSE_PATTERN, DISTRIBUTIONS, LayerPlan, build_plans
-from srigl_jax.selection import magnitude_score, perturb_ties
+from srigl_jax.rules import LayerRule, LayerView, NMRule, RigLRule, SETRule, SRigLRule, StaticRule
 
 PyTree = Any
 _INITS = ("sparse_he", "reference_2_over_k", "keep")
@@ -31,12 +34,23 @@ class MaskUpdateInfo(NamedTuple):
     drop_fraction: jax.Array  # float32: d(step)
 
 
+class _Group(NamedTuple):
+    """Slices that share one compiled update: (leaf index, plan, first global slice index) of each member."""
+
+    plan: LayerPlan
+    members: tuple[tuple[int, LayerPlan, int], ...]
+
+
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class DynamicSparsity:
-    """Shared configuration and machinery of all sparse-training methods.
+    """The driver shared by all sparse-training methods: configuration, plans, init, schedule and the mask
+    update over the parameter tree. The method itself is a per-layer rule (:mod:`srigl_jax.rules`): pass one as
+    ``rule=`` to use a new method, or use the configured subclasses (:class:`SRigL`, :class:`RigL`, :class:`SET`,
+    :class:`Static`, :class:`srigl_jax.NM`).
 
     Args:
-      sparsity: global target sparsity S in [0, 1), or a ``{path: S}`` dict (unlisted layers dense).
+      rule: the per-layer rule (subclasses provide it from their own fields).
+      sparsity: global target sparsity S in [0, 1), or a ``{path: S or FanIn(k)}`` dict (unlisted layers dense).
       distribution: "erk", "uniform" (one global budget, forced-dense layers included) or "uniform_sparse"
         (exactly ``sparsity`` on every layer not forced dense); ignored for a dict.
       delta_t: steps between mask updates.
@@ -50,11 +64,16 @@ class DynamicSparsity:
         asks for a path), a string is a regex of the layer(s) to keep dense.
       ablation_exempt: regexes of layers never ablated; None = the classifier, found by position (a flat
         model's last 2-D kernel, or the single top-level 2-D kernel beside nested blocks; else an error).
+      stack_axes: ``{regex: axis or axes}``: axes whose slices are separate layers (``nn.scan`` / ``nnx.vmap``
+        stacks): every slice gets its own budget, ERK share, ablation and constant fan-in, as if unrolled.
+      neuron_axes: ``{regex: axis or axes}``: which axes index a kernel's neurons (the rest are its fan-in),
+        e.g. ``(1, 2)`` for a DenseGeneral ``(in, heads, head_dim)``. See :mod:`srigl_jax.layout`.
       init: "sparse_he" (std sqrt(2/k)), "reference_2_over_k" (the released code's std 2/k) or "keep".
       random_tie_break: break score ties with a seeded tiny perturbation instead of lower index first.
     """
 
-    sparsity: float | Mapping[str, float]
+    rule: LayerRule | None = None
+    sparsity: float | Mapping[str, Any]
     distribution: str = "erk"
     delta_t: int = 100
     t_end: int
@@ -64,11 +83,10 @@ class DynamicSparsity:
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS
     dense_first_layer: bool | str = False
     ablation_exempt: Sequence[str] | None = None
+    stack_axes: Mapping[str, Axes] | None = None
+    neuron_axes: Mapping[str, Axes] | None = None
     init: str = "sparse_he"
     random_tie_break: bool = False
-
-    performs_updates: ClassVar[bool] = True
-    constant_fan_in: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, Mapping):
@@ -95,11 +113,29 @@ class DynamicSparsity:
             value = getattr(self, name)
             if isinstance(value, str):
                 raise TypeError(f"{name} must be a sequence of regexes, not a single string {value!r}")
+        for name in ("stack_axes", "neuron_axes"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Mapping):
+                raise TypeError(f"{name} must be a {{regex: axis or axes}} dict, got {getattr(self, name)!r}")
+        rule = self.make_rule()
+        if not isinstance(rule, LayerRule):
+            raise TypeError(f"rule must implement srigl_jax.rules.LayerRule (updates, init_mask, update_mask), "
+                            f"got {rule!r}")
+        object.__setattr__(self, "rule", rule)
         object.__setattr__(self, "_plan_cache", {})
+
+    def make_rule(self) -> LayerRule:
+        """The per-layer rule; subclasses build it from their fields."""
+        if self.rule is None:
+            raise TypeError("DynamicSparsity needs rule=<a srigl_jax.rules.LayerRule>")
+        return self.rule
+
+    @property
+    def performs_updates(self) -> bool:
+        return bool(self.rule.updates)
 
     # ----------------------------------------------------------------------------------- plans
     def layer_plans(self, params: PyTree) -> dict[str, LayerPlan]:
-        """Static per-layer plans (sparsity, nnz budget T, k0, ablatable), keyed by path."""
+        """Static per-layer plans (sparsity, per-slice nnz budget T, k0, ablatable, layout), keyed by path."""
         leaves, treedef = named_leaves(params)
         cache_key = (treedef, tuple((p, tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", "")))
                                     for p, x in leaves))
@@ -112,14 +148,29 @@ class DynamicSparsity:
                 dense_paths=tuple(self.dense_paths),
                 dense_first_layer=self.dense_first_layer,
                 ablation_exempt=None if self.ablation_exempt is None else tuple(self.ablation_exempt),
+                stack_axes=self.stack_axes,
+                neuron_axes=self.neuron_axes,
             )
         return self._plan_cache[cache_key]
 
-    def _sparse_leaves(self, params: PyTree) -> list[tuple[int, LayerPlan]]:
-        """(leaf index, plan) of the leaves that are actually sparse (sparsity > 0)."""
+    def _sparse_leaves(self, params: PyTree) -> list[tuple[int, LayerPlan, int]]:
+        """(leaf index, plan, first global slice index) of the leaves that are actually sparse. Slices are
+        numbered in leaf order, each slice of a stacked leaf counting as one layer (its key stream)."""
         plans = self.layer_plans(params)
         leaves, _ = named_leaves(params)
-        return [(i, plans[p]) for i, (p, _) in enumerate(leaves) if p in plans and not plans[p].is_dense]
+        out, first = [], 0
+        for i, (p, _) in enumerate(leaves):
+            if p in plans and not plans[p].is_dense:
+                out.append((i, plans[p], first))
+                first += plans[p].n_slices
+        return out
+
+    def _groups(self, params: PyTree) -> list[_Group]:
+        """Sparse leaves whose slices have equal plans (shape, budget, ablation) share one compiled update."""
+        groups: dict[tuple, list] = {}
+        for member in self._sparse_leaves(params):
+            groups.setdefault(member[1].budget_key(), []).append(member)
+        return [_Group(members[0][1], tuple(members)) for members in groups.values()]
 
     # ------------------------------------------------------------------------------------ init
     def init_masks(self, params: PyTree, key: jax.Array) -> PyTree:
@@ -129,15 +180,10 @@ class DynamicSparsity:
         # Own key stream: with the same key as init_params the kept positions (top uniform draws) would
         # get the top normal draws too, i.e. all-positive initial weights.
         key = jax.random.fold_in(key, _MASK_STREAM)
-        for j, (i, plan) in enumerate(self._sparse_leaves(params)):
-            matrix = self._init_layer_mask(jax.random.fold_in(key, j), plan)
-            masks[i] = matrix.reshape(plan.shape)
+        for i, plan, first in self._sparse_leaves(params):
+            slices = [self.rule.init_mask(jax.random.fold_in(key, first + s), plan) for s in range(plan.n_slices)]
+            masks[i] = plan.layout.from_slices(jnp.stack(slices))
         return jax.tree.unflatten(treedef, masks)
-
-    def _init_layer_mask(self, key: jax.Array, plan: LayerPlan) -> jax.Array:
-        if self.constant_fan_in:
-            return lu.constant_fan_in_mask(key, plan.n_neurons, plan.fan_in, plan.k0)
-        return lu.uniform_random_mask(key, plan.n_neurons, plan.fan_in, plan.nnz_budget)
 
     def init_params(self, params: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
         """Sparse-aware init: active weights ~ N(0, 2/k) (k = the neuron's fan-in), inactive exactly 0."""
@@ -146,15 +192,21 @@ class DynamicSparsity:
         mask_leaves = jax.tree.leaves(masks)
         out = list(leaves)
         key = jax.random.fold_in(key, _WEIGHT_STREAM)
-        for j, (i, plan) in enumerate(self._sparse_leaves(params)):
-            w, m = leaves[i], mask_leaves[i]
+        for i, plan, first in self._sparse_leaves(params):
+            w, m, layout = leaves[i], mask_leaves[i], plan.layout
             if self.init == "keep":
                 out[i] = jnp.where(m, w, jnp.zeros((), w.dtype))
                 continue
-            safe_fan_in = jnp.maximum(lu.neuron_fan_in(m), 1).astype(jnp.float32)
+            safe_fan_in = jnp.maximum(layout.neuron_fan_in(m), 1).astype(jnp.float32)[:, None, :]
             std = jnp.sqrt(2.0 / safe_fan_in) if self.init == "sparse_he" else 2.0 / safe_fan_in
-            noise = jax.random.normal(jax.random.fold_in(key, j), w.shape, jnp.float32)
-            out[i] = jnp.where(m, noise * std, 0.0).astype(w.dtype)  # std broadcasts over the last axis
+            # Each slice draws from its own key in its own shape, exactly as the unrolled layer would.
+            noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, first + s), layout.slice_shape,
+                                                 jnp.float32) for s in range(plan.n_slices)])
+            stack = layout.stack_axes
+            noise = noise.reshape(tuple(layout.shape[a] for a in stack) + layout.slice_shape)
+            noise = jnp.moveaxis(noise, tuple(range(len(stack))), stack)
+            scaled = layout.from_slices(layout.to_slices(noise) * std)
+            out[i] = jnp.where(m, scaled, 0.0).astype(w.dtype)
         return jax.tree.unflatten(treedef, out)
 
     # -------------------------------------------------------------------------------- schedule
@@ -194,36 +246,48 @@ class DynamicSparsity:
         sparse = self._sparse_leaves(params)
         if not sparse or not self.performs_updates:
             return params, masks, info
+        groups = self._groups(params)
 
         def new_layers(operand):
             ws, ms = operand
-            out_w, out_m = [], []
-            for j, (i, plan) in enumerate(sparse):
-                layer_key = jax.random.fold_in(key, j)
-                new_m = self._update_layer(
-                    lu.as_matrix(ws[j]), lu.as_matrix(g_leaves[i]), lu.as_matrix(ms[j]), drop_frac, plan, layer_key
-                ).reshape(plan.shape)
-                # Grown weights start at 0; weights kept (or dropped and regrown) keep their value.
-                out_w.append(jnp.where(new_m & ms[j], ws[j], jnp.zeros((), ws[j].dtype)))
-                out_m.append(new_m)
+            out_w, out_m = dict(ws), {}
+            for group in groups:
+                new = self._update_group(group, ws, g_leaves, ms, drop_frac, key)
+                for (i, _, _), new_m in zip(group.members, new):
+                    # Grown weights start at 0; weights kept (or dropped and regrown) keep their value.
+                    out_w[i] = jnp.where(new_m & ms[i], ws[i], jnp.zeros((), ws[i].dtype))
+                    out_m[i] = new_m
             return out_w, out_m
 
-        operand = ([p_leaves[i] for i, _ in sparse], [m_leaves[i] for i, _ in sparse])
+        operand = ({i: p_leaves[i] for i, _, _ in sparse}, {i: m_leaves[i] for i, _, _ in sparse})
         new_w, new_m = lax.cond(updated, new_layers, lambda o: o, operand)
         p_out, m_out = list(p_leaves), list(m_leaves)
-        for j, (i, _) in enumerate(sparse):
-            p_out[i], m_out[i] = new_w[j], new_m[j]
+        for i, _, _ in sparse:
+            p_out[i], m_out[i] = new_w[i], new_m[i]
         return jax.tree.unflatten(treedef, p_out), jax.tree.unflatten(treedef, m_out), info
 
-    def _scores(self, w, g, key):
-        w_score, g_score = magnitude_score(w), magnitude_score(g)
-        if self.random_tie_break:
-            kw, kg = jax.random.split(key)
-            w_score, g_score = perturb_ties(w_score, kw), perturb_ties(g_score, kg)
-        return w_score, g_score
+    def _update_group(self, group: _Group, ws, g_leaves, ms, drop_frac, key) -> list[jax.Array]:
+        """New masks of every member leaf of ``group``: one compiled per-slice update, mapped over all slices
+        (``lax.map``: per-slice branches stay real branches, so N stacked layers cost what N unrolled do)."""
+        plan = group.plan
 
-    def _update_layer(self, w, g, m, drop_frac, plan, key) -> jax.Array:
-        raise NotImplementedError
+        def one_slice(w, g, m, index):
+            return self.rule.update_mask(LayerView(w, g, m, drop_frac), plan, jax.random.fold_in(key, index))
+
+        views = [(lay.to_slices(ws[i]), lay.to_slices(g_leaves[i]), lay.to_slices(ms[i]))
+                 for i, member_plan, _ in group.members for lay in (member_plan.layout,)]
+        indices = [jnp.arange(first, first + p.n_slices, dtype=jnp.int32) for _, p, first in group.members]
+        if len(views) == 1 and views[0][0].shape[0] == 1:   # a single layer: no mapping
+            new = one_slice(views[0][0][0], views[0][1][0], views[0][2][0], indices[0][0])[None]
+        else:
+            w, g, m = (jnp.concatenate([v[j] for v in views]) for j in range(3))
+            new = lax.map(lambda xs: one_slice(*xs), (w, g, m, jnp.concatenate(indices)))
+        out, start = [], 0
+        for i, member_plan, _ in group.members:
+            n = member_plan.n_slices
+            out.append(member_plan.layout.from_slices(new[start:start + n]))
+            start += n
+        return out
 
     # ------------------------------------------------------------ growth-gradient averaging
     def init_grad_accumulator(self, params: PyTree) -> PyTree:
@@ -262,36 +326,70 @@ class SRigL(DynamicSparsity):
     """
 
     gamma_sal: float | None = 0.3
-    constant_fan_in: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def make_rule(self) -> LayerRule:
         if self.gamma_sal is not None and not self.gamma_sal >= 0:
             raise ValueError(f"gamma_sal must be >= 0 or None, got {self.gamma_sal!r}")
+        return SRigLRule(self.gamma_sal, self.random_tie_break)
 
-    def _update_layer(self, w, g, m, drop_frac, plan, key):
-        w_score, g_score = self._scores(w, g, key)
-        return lu.srigl_layer_mask(w_score, g_score, m, drop_frac, plan, self.gamma_sal)
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class NM(DynamicSparsity):
+    """N:M constant fan-in (:mod:`srigl_jax.rules.nm`): every active neuron keeps exactly ``n`` of each block of
+    ``m`` consecutive fan-in positions; SRigL's drop, regrowth and ablation (``gamma_sal``) otherwise. Every
+    sparse layer gets sparsity 1 - n/m (``sparsity`` is implied; layers forced dense stay dense).
+
+    >>> import jax, jax.numpy as jnp
+    >>> algo = NM(n=2, m=4, t_end=100)
+    >>> masks = algo.init_masks({"Dense_0": {"kernel": jnp.ones((8, 3))}}, jax.random.key(0))
+    >>> masks["Dense_0"]["kernel"].reshape(2, 4, 3).sum(axis=1).tolist()   # 2 of every 4 inputs, per neuron
+    [[2, 2, 2], [2, 2, 2]]
+    """
+
+    n: int
+    m: int
+    sparsity: float | Mapping[str, Any] | None = None
+    gamma_sal: float | None = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("n", "m"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NM: {name} must be an int >= 1, got {value!r}")
+        if self.n >= self.m:
+            raise ValueError(f"NM: n must be < m (n={self.n}, m={self.m} keeps every weight)")
+        if self.sparsity is not None:
+            raise ValueError("NM implies the sparsity 1 - n/m; do not pass sparsity")
+        object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)
+        object.__setattr__(self, "distribution", "uniform_sparse")
+        super().__post_init__()
+
+    def make_rule(self) -> LayerRule:
+        return NMRule(self.n, self.m, self.gamma_sal, self.random_tie_break)
+
+    def layer_plans(self, params: PyTree) -> dict[str, LayerPlan]:
+        plans = super().layer_plans(params)
+        for plan in plans.values():
+            if not plan.is_dense and (plan.fan_in % self.m or plan.k0 != self.n * plan.fan_in // self.m):
+                raise ValueError(f"NM {self.n}:{self.m}: layer {plan.path!r} has fan-in {plan.fan_in}, not a "
+                                 f"multiple of m={self.m}; keep it dense (dense_paths) or choose another m")
+        return plans
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class RigL(DynamicSparsity):
     """Unstructured RigL (Evci et al. 2020): magnitude drop, dense-gradient growth, per layer."""
 
-    def _update_layer(self, w, g, m, drop_frac, plan, key):
-        w_score, g_score = self._scores(w, g, key)
-        return lu.unstructured_layer_mask(w_score, g_score, m, drop_frac)
+    def make_rule(self) -> LayerRule:
+        return RigLRule(self.random_tie_break)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class SET(DynamicSparsity):
     """Sparse Evolutionary Training: magnitude drop, random growth."""
 
-    def _update_layer(self, w, g, m, drop_frac, plan, key):
-        kw, kg = jax.random.split(key)
-        w_score, _ = self._scores(w, g, kw)
-        random_score = jax.random.uniform(kg, m.shape, jnp.float32)
-        return lu.unstructured_layer_mask(w_score, random_score, m, drop_frac)
+    def make_rule(self) -> LayerRule:
+        return SETRule(self.random_tie_break)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -299,10 +397,9 @@ class Static(DynamicSparsity):
     """Static sparse training: the initial random mask is never updated."""
 
     t_end: int = 0
-    performs_updates: ClassVar[bool] = False
 
-    def _update_layer(self, w, g, m, drop_frac, plan, key):
-        return m
+    def make_rule(self) -> LayerRule:
+        return StaticRule()
 
 
 def any_nonfinite(tree: PyTree) -> jax.Array:

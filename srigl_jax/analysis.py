@@ -362,7 +362,8 @@ def neuron_fan_in(mask: np.ndarray | jax.Array) -> np.ndarray:
 
 
 def fan_in_by_layer(masks: Any, plans: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:
-    """{path: per-neuron fan-in array} for the sparse (non-dense) layers of ``plans``.
+    """{path: per-neuron fan-in array} for the sparse (non-dense) layers of ``plans`` (neurons as the layer's
+    layout defines them; a stacked leaf gives one row per slice, ``(n_slices, n_neurons)``, else ``(n_neurons,)``).
 
     The per-layer scalars (active neurons, max/min fan-in, active-neuron fraction) are in
     ``srigl_jax.sparsity_metrics``; this gives the full per-neuron distribution for histograms.
@@ -371,7 +372,12 @@ def fan_in_by_layer(masks: Any, plans: Mapping[str, LayerPlan]) -> dict[str, np.
     missing = [p for p in plans if p not in flat]
     if missing:
         raise KeyError(f"layers {missing} of the plans are not in the mask tree")
-    return {p: neuron_fan_in(flat[p]) for p, plan in plans.items() if not plan.is_dense}
+    out = {}
+    for p, plan in plans.items():
+        if not plan.is_dense:
+            fan = np.asarray(plan.layout.neuron_fan_in(jnp.asarray(flat[p], bool)))
+            out[p] = fan if plan.n_slices > 1 or plan.layout.stack_axes else fan[0]
+    return out
 
 
 def fan_in_histogram(masks: Any, plans: Mapping[str, LayerPlan], include_ablated: bool = False
@@ -383,10 +389,11 @@ def fan_in_histogram(masks: Any, plans: Mapping[str, LayerPlan], include_ablated
     Ablated neurons (fan-in 0) are left out unless ``include_ablated``.
     """
     rel = []
-    for fan in fan_in_by_layer(masks, plans).values():
-        act = fan[fan > 0]
-        if act.size:
-            rel.append((fan if include_ablated else act) / act.mean())
+    for layer in fan_in_by_layer(masks, plans).values():
+        for fan in np.atleast_2d(layer):   # slices of a stacked layer are separate layers
+            act = fan[fan > 0]
+            if act.size:
+                rel.append((fan if include_ablated else act) / act.mean())
     if not rel:
         raise ValueError("no sparse layer with an active neuron in masks")
     edges = np.arange(0.0, 3.0 + 1e-9, 0.05) - 0.025

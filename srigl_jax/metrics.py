@@ -7,7 +7,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from srigl_jax.layer_updates import neuron_fan_in
 from srigl_jax.paths import named_leaves
 from srigl_jax.plans import LayerPlan
 
@@ -22,27 +21,27 @@ def _layer_masks(masks: PyTree, plans: Mapping[str, LayerPlan]) -> dict[str, jax
 def sparsity_metrics(masks: PyTree, plans: Mapping[str, LayerPlan]) -> dict[str, jax.Array]:
     """Scalars keyed ``"<metric>/<path>"`` plus global ones, all computed from the masks.
 
-    Per layer: ``sparsity``, ``active_neurons`` (neurons with any active weight), ``fan_in`` (max
-    fan-in, = k' for SRigL) and ``fan_in_min`` (min over active neurons; equals ``fan_in`` iff the
-    layer has constant fan-in). Global: ``global_sparsity`` over all candidate layers,
-    ``active_neuron_fraction`` over the sparse ones.
+    Per layer (a stacked leaf pooled over its slices, each slice's neurons counted separately): ``sparsity``,
+    ``active_neurons`` (neurons with any active weight), ``fan_in`` (max fan-in, = k' for SRigL) and
+    ``fan_in_min`` (min over active neurons; equals ``fan_in`` iff the layer has constant fan-in). Global:
+    ``global_sparsity`` over all candidate layers, ``active_neuron_fraction`` over the sparse ones.
     """
     out: dict[str, jax.Array] = {}
     nnz_total, numel_total, active_total, neurons_total = 0, 0, 0, 0
     for path, m in _layer_masks(masks, plans).items():
         plan = plans[path]
-        fan_in = neuron_fan_in(m)
+        fan_in = plan.layout.neuron_fan_in(m)
         active = fan_in > 0
         nnz = jnp.sum(fan_in)
-        out[f"sparsity/{path}"] = 1.0 - nnz / plan.numel
+        out[f"sparsity/{path}"] = 1.0 - nnz / plan.total_numel
         out[f"active_neurons/{path}"] = jnp.sum(active, dtype=jnp.int32)
         out[f"fan_in/{path}"] = jnp.max(fan_in)
         out[f"fan_in_min/{path}"] = jnp.min(jnp.where(active, fan_in, jnp.iinfo(jnp.int32).max))
         nnz_total += nnz
-        numel_total += plan.numel
+        numel_total += plan.total_numel
         if not plan.is_dense:
             active_total += out[f"active_neurons/{path}"]
-            neurons_total += plan.n_neurons
+            neurons_total += plan.n_neurons * plan.n_slices
     out["global_sparsity"] = 1.0 - nnz_total / max(numel_total, 1)
     out["active_neuron_fraction"] = jnp.asarray(active_total / max(neurons_total, 1), jnp.float32)
     return out
@@ -64,5 +63,5 @@ def itop_rate(itop: PyTree, plans: Mapping[str, LayerPlan]) -> jax.Array:
     for path, m in _layer_masks(itop, plans).items():
         if not plans[path].is_dense:
             ever += jnp.sum(m, dtype=jnp.int32)
-            numel += plans[path].numel
+            numel += plans[path].total_numel
     return jnp.asarray(ever / max(numel, 1), jnp.float32)

@@ -1,4 +1,4 @@
-"""Which leaves are sparse, and each sparse layer's static budget (sparsity, nnz T, fan-in k0)."""
+"""Which leaves are sparse, and each sparse layer's static budget (sparsity, nnz T, fan-in k0) per layer slice."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from srigl_jax.layout import Axes, Layout, infer_layouts
 from srigl_jax.paths import matches_any, named_leaves, natural_key
 
 # A leaf is a sparse candidate when its path matches this and it has >= 2 dims (Dense/Conv kernels).
@@ -23,33 +24,68 @@ _FLOOR_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerPlan:
-    """Static facts about one sparse-candidate leaf.
+class FanIn:
+    """A layer's budget given as a constant fan-in ``k`` instead of a sparsity: ``sparsity={path: FanIn(k)}``
+    keeps exactly ``k`` weights per neuron (nnz T = k * n_neurons per layer slice).
 
-    Neurons are the last axis of the kernel; the fan-in is the product of all other axes.
-    ``sparsity == 0`` means the layer is kept dense.
+    >>> plans = build_plans({"Dense_0": {"kernel": jnp.zeros((10, 4))}}, {"Dense_0/kernel": FanIn(3)}, "erk")
+    >>> plans["Dense_0/kernel"].k0, plans["Dense_0/kernel"].nnz_budget
+    (3, 12)
+    """
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+            raise ValueError(f"FanIn(k) needs an int k >= 1, got {self.k!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Static facts about one sparse-candidate leaf; budgets are per layer slice (see :mod:`srigl_jax.layout`:
+    a stacked leaf holds ``n_slices`` independent layers, each with this budget).
+
+    A slice is viewed as a ``(fan_in, n_neurons)`` matrix; without a layout, neurons are the last axis.
+    ``sparsity == 0`` means the layer is kept dense; ``fan_in_k`` (from :class:`FanIn`) fixes T = k * n_neurons.
     """
 
     path: str
     shape: tuple[int, ...]
     sparsity: float
     ablatable: bool
+    layout: Layout | None = None
+    fan_in_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            object.__setattr__(self, "layout", Layout(tuple(self.shape), (), (len(self.shape) - 1,), "dense"))
+
+    @property
+    def n_slices(self) -> int:
+        return self.layout.n_slices
 
     @property
     def n_neurons(self) -> int:
-        return int(self.shape[-1])
+        return self.layout.n_neurons
 
     @property
     def fan_in(self) -> int:
-        return int(np.prod(self.shape[:-1]))
+        return self.layout.fan_in
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape))
+        """Weights of one slice."""
+        return self.fan_in * self.n_neurons
+
+    @property
+    def total_numel(self) -> int:
+        return self.numel * self.n_slices
 
     @property
     def nnz_budget(self) -> int:
-        """T = floor(numel * (1 - S))."""
+        """T per slice = floor(numel * (1 - S)), or k * n_neurons for a FanIn(k) layer."""
+        if self.fan_in_k is not None and not self.is_dense:
+            return self.fan_in_k * self.n_neurons
         return int(math.floor(self.numel * (1.0 - self.sparsity) + _FLOOR_EPS))
 
     @property
@@ -66,6 +102,11 @@ class LayerPlan:
         """Fewest neurons that may survive ablation so that k' = floor(T / active) <= fan_in."""
         return min(self.n_neurons, self.nnz_budget // self.fan_in + 1)
 
+    def budget_key(self) -> tuple:
+        """Everything the mask update of one slice depends on besides its data: slices of leaves with equal
+        keys share one compiled update."""
+        return (self.fan_in, self.n_neurons, self.sparsity, self.fan_in_k, self.ablatable, self.nnz_budget)
+
 
 def sparse_candidates(
     params: Any,
@@ -73,11 +114,13 @@ def sparse_candidates(
     sparse_pattern: str = DEFAULT_SPARSE_PATTERN,
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS,
     dense_first_layer: bool | str = False,
+    layouts: Mapping[str, Layout] | None = None,
 ) -> tuple[list[tuple[str, tuple[int, ...]]], set[str]]:
     """Candidate (path, shape) pairs in natural path order, and the subset forced dense.
 
     ``dense_first_layer``: a regex (every candidate it matches is kept dense; it must match one), or True for
-    the network's first layer as found by :func:`first_layer`.
+    the network's first layer as found by :func:`first_layer` (using ``layouts`` to tell convs and stacked
+    kernels apart, when given).
     """
     candidates = []
     for path, leaf in named_leaves(params)[0]:
@@ -98,7 +141,7 @@ def sparse_candidates(
                              f"{[p for p, _ in candidates]}")
         forced_dense |= chosen
     elif dense_first_layer:
-        forced_dense.add(first_layer(candidates))
+        forced_dense.add(first_layer(candidates, layouts))
     return candidates, forced_dense
 
 
@@ -112,7 +155,18 @@ def _module_depths(candidates: list[tuple[str, tuple[int, ...]]]) -> list[int]:
     return [len(p) - common for p in parts]
 
 
-def _by_position(candidates: list[tuple[str, tuple[int, ...]]], which: str, want_conv: bool) -> str:
+def _kind(path: str, shape: tuple[int, ...], layouts: Mapping[str, Layout] | None) -> str:
+    """"conv", "2d" (a Dense kernel) or "other", of one layer slice."""
+    if layouts is None:
+        return "conv" if len(shape) >= 3 else "2d"
+    layout = layouts[path]
+    if layout.kind == "conv":
+        return "conv"
+    return "2d" if len(layout.slice_shape) == 2 else "other"
+
+
+def _by_position(candidates: list[tuple[str, tuple[int, ...]]], which: str, want_conv: bool,
+                 layouts: Mapping[str, Layout] | None = None) -> str:
     """The first (or last) layer of the network: unambiguous from the paths alone only for a flat model (every
     kernel owned by one module level, e.g. "Dense_0".."Dense_3" or "Conv_0", "Dense_0"), where auto-names
     and natural order give the call order, or beside nested blocks when exactly one top-level kernel is of
@@ -120,7 +174,8 @@ def _by_position(candidates: list[tuple[str, tuple[int, ...]]], which: str, want
     one type (their counter is their call order)."""
     depths = _module_depths(candidates)
     top = [c for c, d in zip(candidates, depths) if d <= 1]
-    kind = [c for c in top if (len(c[1]) >= 3) == want_conv]
+    wanted = "conv" if want_conv else "2d"
+    kind = [c for c in top if _kind(c[0], c[1], layouts) == wanted]
     if len(top) == len(candidates):   # flat: natural order is network order
         pool = kind or top
         return (pool[0] if which == "first" else pool[-1])[0]
@@ -138,16 +193,17 @@ def _by_position(candidates: list[tuple[str, tuple[int, ...]]], which: str, want
         f"{[c[0] for c in candidates]}): name it with {option}")
 
 
-def first_layer(candidates: list[tuple[str, tuple[int, ...]]]) -> str:
+def first_layer(candidates: list[tuple[str, tuple[int, ...]]], layouts: Mapping[str, Layout] | None = None) -> str:
     """The network's first layer (see ``_by_position``): the first conv kernel (else the first kernel) of a
     flat model, or the one top-level conv kernel (stem, patch embedding) beside nested blocks; else an error."""
-    return _by_position(candidates, "first", want_conv=True)
+    return _by_position(candidates, "first", True, layouts)
 
 
-def default_classifier(candidates: list[tuple[str, tuple[int, ...]]]) -> str:
+def default_classifier(candidates: list[tuple[str, tuple[int, ...]]],
+                       layouts: Mapping[str, Layout] | None = None) -> str:
     """The classifier: the last 2-D kernel of a flat model, or the one top-level 2-D kernel beside nested
     blocks ("head/kernel" after "block3/..."); else an error asking for ``ablation_exempt``."""
-    return _by_position(candidates, "last", want_conv=False)
+    return _by_position(candidates, "last", False, layouts)
 
 
 def erk_raw_density(shape: Sequence[int]) -> float:
@@ -160,8 +216,12 @@ def layer_sparsities(
     sparsity: float | Mapping[str, float],
     distribution: str,
     forced_dense: set[str] = frozenset(),
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """Per-layer sparsity so that the global nonzero budget (1 - S) * sum(numel) holds.
+
+    ``shapes`` are the shapes of one layer; ``counts[path]`` (default 1) is how many such layers a stacked leaf
+    holds: sums run over every layer in path order, exactly as for the same model unrolled.
 
     ``distribution`` is "uniform" or "erk" (forced-dense layers count against the global budget), or
     "uniform_sparse" (every layer not forced dense gets exactly ``sparsity``; the dense ones come on top, as in
@@ -183,12 +243,17 @@ def layer_sparsities(
             _check_sparsity(s, path)
         return {p: (0.0 if p in forced_dense else float(sparsity.get(p, 0.0))) for p in shapes}
     _check_sparsity(sparsity, "global")
+    counts = counts or {}
+
+    def total(paths, value) -> float:   # one term per layer, in path order, as the unrolled model sums
+        return sum(value(p) for p in shapes if p in paths for _ in range(counts.get(p, 1)))
+
     numel = {p: float(np.prod(s)) for p, s in shapes.items()}
-    budget = (1.0 - sparsity) * sum(numel.values())
+    budget = (1.0 - sparsity) * total(shapes, numel.get)
     dense = set(forced_dense)
     while True:
         free = [p for p in shapes if p not in dense]
-        remaining = budget - sum(numel[p] for p in dense)
+        remaining = budget - total(dense, numel.get)
         if not free:
             return {p: 0.0 for p in shapes}
         if remaining <= 0:
@@ -202,7 +267,7 @@ def layer_sparsities(
             raw = {p: erk_raw_density(shapes[p]) for p in free}
         else:
             raise ValueError(f"unknown distribution {distribution!r}; use {DISTRIBUTIONS} or a dict")
-        eps = remaining / sum(raw[p] * numel[p] for p in free)
+        eps = remaining / total(free, lambda p: raw[p] * numel[p])
         too_dense = [p for p in free if eps * raw[p] > 1.0]
         if not too_dense:
             break
@@ -219,41 +284,52 @@ def _check_sparsity(s: Any, where: str) -> None:
 
 def build_plans(
     params: Any,
-    sparsity: float | Mapping[str, float],
+    sparsity: float | Mapping[str, float | FanIn],
     distribution: str,
     *,
     sparse_pattern: str = DEFAULT_SPARSE_PATTERN,
     dense_paths: Sequence[str] = DEFAULT_DENSE_PATHS,
     dense_first_layer: bool | str = False,
     ablation_exempt: Sequence[str] | None = None,
+    stack_axes: Mapping[str, Axes] | None = None,
+    neuron_axes: Mapping[str, Axes] | None = None,
 ) -> dict[str, LayerPlan]:
     """LayerPlans for all sparse candidates of ``params`` (dense ones included with sparsity 0).
 
+    Each leaf's :class:`~srigl_jax.layout.Layout` comes from :func:`~srigl_jax.layout.infer_layouts` with the
+    ``stack_axes`` / ``neuron_axes`` declarations; budgets are per layer slice, and ERK treats every slice of
+    a stacked leaf as its own layer. A dict ``sparsity`` may give :class:`FanIn` values.
     ``ablation_exempt=None`` exempts the classifier (``default_classifier``).
-    Raises if a sparse layer would get a fan-in k0 of 0, or if an attention in-projection kernel of a Flax
-    ``DenseGeneral`` (in, heads, head_dim), whose neurons span two axes, is asked to be sparse.
+    Raises if a sparse layer would get a fan-in k0 of 0.
     """
-    candidates, forced_dense = sparse_candidates(
-        params,
-        sparse_pattern=sparse_pattern,
-        dense_paths=dense_paths,
-        dense_first_layer=dense_first_layer,
-    )
+    candidates, forced_dense = sparse_candidates(params, sparse_pattern=sparse_pattern, dense_paths=dense_paths)
     shapes = dict(candidates)
-    sparsities = layer_sparsities(shapes, sparsity, distribution, forced_dense)
+    layouts = infer_layouts(shapes, stack_axes=stack_axes, neuron_axes=neuron_axes, lenient=forced_dense)
+    if dense_first_layer is True or isinstance(dense_first_layer, str):
+        _, forced_dense = sparse_candidates(params, sparse_pattern=sparse_pattern, dense_paths=dense_paths,
+                                            dense_first_layer=dense_first_layer, layouts=layouts)
+    fan_in_k: dict[str, int] = {}
+    if isinstance(sparsity, Mapping):
+        sparsity = dict(sparsity)
+        for path, value in list(sparsity.items()):
+            if isinstance(value, FanIn) and path in layouts:
+                layout = layouts[path]
+                if value.k > layout.fan_in:
+                    raise ValueError(f"{path!r}: FanIn({value.k}) exceeds the layer's fan-in {layout.fan_in}")
+                fan_in_k[path] = value.k
+                sparsity[path] = 1.0 - value.k / layout.fan_in   # reported sparsity; T = k * n_neurons exactly
+    slice_shapes = {p: layouts[p].slice_shape for p in shapes}
+    sparsities = layer_sparsities(slice_shapes, sparsity, distribution, forced_dense,
+                                  counts={p: layouts[p].n_slices for p in shapes})
     if ablation_exempt is None:
-        exempt = {default_classifier(candidates)}
+        exempt = {default_classifier(candidates, layouts)}
     else:
         exempt = {p for p in shapes if matches_any(p, ablation_exempt)}
     plans = {}
     for path, shape in candidates:
-        plan = LayerPlan(path, shape, sparsities[path], ablatable=path not in exempt)
-        if plan.sparsity > 0 and len(shape) == 3 and re.search(DEFAULT_DENSE_PATHS[0], path):
-            raise ValueError(
-                f"{path!r} {shape}: a DenseGeneral in-projection (in, heads, head_dim) has neurons over two "
-                "axes, which is not supported sparse; keep it in dense_paths (the default)"
-            )
-        if plan.k0 < 1:
+        plan = LayerPlan(path, shape, sparsities[path], ablatable=path not in exempt, layout=layouts[path],
+                         fan_in_k=fan_in_k.get(path))
+        if plan.k0 < 1 and not plan.is_dense:
             raise ValueError(
                 f"layer {path!r} {shape} at sparsity {plan.sparsity:.4f} keeps {plan.nnz_budget} weights "
                 f"for {plan.n_neurons} neurons: fan-in k0 would be 0. Lower its sparsity or keep it dense."

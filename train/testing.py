@@ -64,15 +64,17 @@ def constant_fan_in_violations(params, masks, plans: dict[str, sj.LayerPlan]) ->
         if plan.is_dense:
             continue
         w, m = np.asarray(leaves[path]), np.asarray(mask_leaves[path])
-        fan_in = m.reshape(-1, m.shape[-1]).sum(axis=0)
-        active = fan_in > 0
-        if len(set(fan_in[active].tolist())) > 1:
-            problems.append(f"{path}: active neurons have different fan-ins {sorted(set(fan_in[active].tolist()))}")
-        k = int(fan_in[active].max()) if active.any() else 0
-        if int(m.sum()) != k * int(active.sum()):
-            problems.append(f"{path}: nnz {int(m.sum())} != k' {k} * active {int(active.sum())}")
-        if int(m.sum()) > plan.nnz_budget:
-            problems.append(f"{path}: nnz {int(m.sum())} exceeds budget {plan.nnz_budget}")
+        for s, slice_mask in enumerate(np.asarray(plan.layout.to_slices(m))):   # each slice is a layer
+            where = f"{path}[slice {s}]" if plan.n_slices > 1 else path
+            fan_in = slice_mask.sum(axis=0)
+            active = fan_in > 0
+            if len(set(fan_in[active].tolist())) > 1:
+                problems.append(f"{where}: active neurons have different fan-ins {sorted(set(fan_in[active].tolist()))}")
+            k = int(fan_in[active].max()) if active.any() else 0
+            if int(slice_mask.sum()) != k * int(active.sum()):
+                problems.append(f"{where}: nnz {int(slice_mask.sum())} != k' {k} * active {int(active.sum())}")
+            if int(slice_mask.sum()) > plan.nnz_budget:
+                problems.append(f"{where}: nnz {int(slice_mask.sum())} exceeds budget {plan.nnz_budget}")
         if np.any(w[~m] != 0):
             problems.append(f"{path}: {int(np.sum(w[~m] != 0))} masked weights are non-zero")
     return problems
