@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from hypothesis import given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import srigl_jax as sj
@@ -75,17 +75,36 @@ def _unstack(tree, n_layers):
     return out
 
 
-@pytest.mark.parametrize("method", ["srigl", "srigl_no_ablation", "set", "rigl"])
-@given(n_layers=st.integers(1, 4), fan_in=st.integers(6, 20), width=st.integers(4, 12),
-       sparsity=st.sampled_from([0.5, 0.8, 0.9]), seed=st.integers(0, 10_000))
+@pytest.mark.parametrize("method,n_layers,fan_in,width,sparsity,seed", [
+    ("srigl", 3, 12, 8, 0.75, 1), ("set", 2, 16, 6, 0.5, 2)])
 def test_stacked_equals_unrolled(method, n_layers, fan_in, width, sparsity, seed):
+    check_stacked_equals_unrolled(method, n_layers, fan_in, width, sparsity, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["srigl", "srigl_no_ablation", "set", "rigl"])
+@settings(max_examples=10)
+@given(n_layers=st.integers(1, 4), fan_in=st.integers(8, 20), width=st.integers(4, 12),
+       sparsity=st.sampled_from([0.5, 0.75, 0.9]), seed=st.integers(0, 10_000))
+def test_stacked_equals_unrolled_property(method, n_layers, fan_in, width, sparsity, seed):
+    check_stacked_equals_unrolled(method, n_layers, fan_in, width, sparsity, seed)
+
+
+def check_stacked_equals_unrolled(method, n_layers, fan_in, width, sparsity, seed):
+    """Plans, init masks and params, two updates, metrics and ITOP of a model whose blocks are one stacked
+    (n_layers, fan_in, width) kernel equal those of the model unrolled into n_layers kernels, bit for bit."""
     cls, kw = {"srigl": (sj.SRigL, {"gamma_sal": 0.9}), "srigl_no_ablation": (sj.SRigL, {"gamma_sal": None}),
                "set": (sj.SET, {}), "rigl": (sj.RigL, {})}[method]
     common = dict(sparsity=sparsity, delta_t=1, t_end=10, alpha=0.5, random_tie_break=True, **kw)
     stacked_algo = cls(stack_axes={"blocks/": 0}, **common)
     unrolled_algo = cls(**common)
     stacked, unrolled = _models(n_layers, fan_in, width, seed)
-    sp, up = stacked_algo.layer_plans(stacked), unrolled_algo.layer_plans(unrolled)
+    try:
+        up = unrolled_algo.layer_plans(unrolled)
+    except ValueError as err:   # a generated budget leaves some layer with fan-in 0: not a valid model
+        assume("fan-in k0 would be 0" not in str(err))
+        raise
+    sp = stacked_algo.layer_plans(stacked)
     for i in range(n_layers):
         a, b = sp["blocks/kernel"], up[f"blocks{i}/kernel"]
         assert (a.sparsity, a.nnz_budget, a.k0, a.min_active, a.ablatable) == (

@@ -22,6 +22,8 @@ def test_marked_readme_blocks_run():
     # the values the comments promise: 3 steps taken, constant fan-in k0 (ERK at 90%) on every neuron
     assert printed[0] == "3 [69 69 69 69 69]", printed
     assert printed[1].startswith("MaskUpdateInfo(updated=")
+    # the stacked-layers section: 4 slices of 32 -> 32 with their own k0, per-slice fan-in, 2:4 blocks
+    assert printed[2:5] == ["4 32 32 5", "(4, 32)", "2"], printed
     sj = namespace["sj"]
     assert int(sj.get_sparse_state(namespace["state"]).step) == 1   # TrainState.create made a fresh state
     kernel, mask = namespace["params"]["hidden"]["kernel"], namespace["masks"]["hidden"]["kernel"]
