@@ -11,7 +11,6 @@ Both must give bit-identical masks and params (checked here on one update step).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -23,28 +22,12 @@ import optax
 
 import srigl_jax as sj
 from train.models import build_model
+from train.testing import one_layer_at_a_time
 
 try:
     from _machine import cpu_report  # run as a script: bench/ is on sys.path
 except ImportError:
     from bench._machine import cpu_report
-
-
-@contextlib.contextmanager
-def one_layer_at_a_time(algo):
-    """While tracing inside this block, every sparse leaf gets its own compiled update (the behaviour before
-    equal layers were batched), for comparison."""
-    cls = type(algo)
-    original = cls._groups
-    had_own = "_groups" in cls.__dict__
-    cls._groups = lambda self, p: [type(g)(m[1], (m,)) for g in original(self, p) for m in g.members]
-    try:
-        yield
-    finally:
-        if had_own:
-            cls._groups = original
-        else:
-            del cls._groups
 
 
 def _timed_compile(fn, *args) -> tuple[float, object]:

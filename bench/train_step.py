@@ -236,6 +236,9 @@ def main() -> None:
     run_update()
     update_s = median_seconds(run_update, max(3, reps // 3))
 
+    stacked_width, stacked_depth = (128, 3) if args.quick else (1024, 4)
+    stacked_ms = stacked_vs_unrolled(stacked_width, stacked_depth, args.sparsity, max(3, reps // 3))
+
     extra_per_update = med["srigl_update_step"] - med["srigl"]
     amortised = extra_per_update / (args.delta_t * med["srigl"])
     result = {
@@ -256,6 +259,8 @@ def main() -> None:
         "update_masks_layer_shape": list(layer["kernel"].shape),
         "update_overhead_amortised": amortised,
         "delta_t": args.delta_t,
+        "update_masks_stacked_ms": {"layers": [stacked_depth, stacked_width, stacked_width], **stacked_ms},
+        "stacked_vs_unrolled": stacked_ms["stacked"] / stacked_ms["unrolled, one by one"],
     }
     if args.breakdown:
         result["breakdown_vs_dense"] = {name: med[name] / med["dense"] for name in BREAKDOWN}
@@ -271,6 +276,9 @@ def main() -> None:
     print(f"  SRigL mask-update step {result['srigl_update_step_ms']:9.2f} ms")
     print(f"  update_masks, {layer['kernel'].shape[0]}x{layer['kernel'].shape[1]} layer: {result['update_masks_layer_ms']:.1f} ms")
     print(f"  mask updates amortised over delta_t={args.delta_t}: {amortised:.2%} of training time (goal < 2%)")
+    print(f"  update_masks of {stacked_depth} stacked {stacked_width}x{stacked_width} layers: "
+          + ", ".join(f"{n} {ms:.1f} ms" for n, ms in stacked_ms.items())
+          + f"; stacked / unrolled one by one {result['stacked_vs_unrolled']:.2f}x (goal <= 1)")
     if args.breakdown:
         for name in BREAKDOWN:
             print(f"  {name:22s} {med[name] * 1e3:9.2f} ms   {result['breakdown_vs_dense'][name]:.3f}x dense")
@@ -281,6 +289,44 @@ def main() -> None:
 
 
 BREAKDOWN = ("dense + masking", "dense + masking + check")
+
+
+def stacked_vs_unrolled(width: int, depth: int, sparsity: float, reps: int) -> dict:
+    """Median ms of one update_masks (an update step) on ``depth`` layers of width x width stored as one stacked
+    kernel (``stack_axes``), the same layers unrolled (batched into one mapped update), and unrolled with
+    every layer compiled on its own (as before batching); checks that all three give identical masks."""
+    from train.testing import one_layer_at_a_time
+
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (depth, width, width))
+    g = jax.random.normal(jax.random.key(1), (depth, width, width))
+    stacked = {"blocks": {"kernel": w}}
+    unrolled = {f"block{i}": {"kernel": w[i]} for i in range(depth)}
+    g_unrolled = {f"block{i}": {"kernel": g[i]} for i in range(depth)}
+    common = dict(sparsity=sparsity, distribution="uniform", delta_t=100, t_end=10**6, ablation_exempt=())
+    cases = {}
+    for name, algo, params, grads in (
+        ("stacked", sj.SRigL(stack_axes={"blocks/": 0}, **common), stacked, {"blocks": {"kernel": g}}),
+        ("unrolled", sj.SRigL(**common), unrolled, g_unrolled),
+        ("unrolled, one by one", sj.SRigL(**common), unrolled, g_unrolled),
+    ):
+        masks = algo.init_masks(params, key)
+        params = algo.init_params(params, masks, key)
+        args = (params, grads, masks, key, jnp.int32(100))
+        if name.endswith("one by one"):
+            with one_layer_at_a_time(algo):
+                fn = jax.jit(algo.update_masks).lower(*args).compile()
+        else:
+            fn = jax.jit(algo.update_masks).lower(*args).compile()
+        cases[name] = (fn, args)
+    outs = {name: jax.block_until_ready(fn(*args)) for name, (fn, args) in cases.items()}
+    stacked_masks = outs["stacked"][1]["blocks"]["kernel"]
+    for name in ("unrolled", "unrolled, one by one"):
+        for i in range(depth):
+            assert bool((outs[name][1][f"block{i}"]["kernel"] == stacked_masks[i]).all()), name
+    med = interleaved_medians({n: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for n, (f, a) in cases.items()},
+                              reps)
+    return {name: t * 1e3 for name, t in med.items()}
 
 
 def overhead_breakdown(tx, params, masks, x, y) -> dict:

@@ -120,18 +120,30 @@ class DynamicSparsity:
         if not isinstance(rule, LayerRule):
             raise TypeError(f"rule must implement srigl_jax.rules.LayerRule (updates, init_mask, update_mask), "
                             f"got {rule!r}")
-        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "_rule", rule)
         object.__setattr__(self, "_plan_cache", {})
 
     def make_rule(self) -> LayerRule:
-        """The per-layer rule; subclasses build it from their fields."""
+        """The per-layer rule; subclasses build it from their fields (see ``_own_rule``)."""
         if self.rule is None:
             raise TypeError("DynamicSparsity needs rule=<a srigl_jax.rules.LayerRule>")
         return self.rule
 
+    def _own_rule(self, built: LayerRule) -> LayerRule:
+        """A subclass's rule comes from its fields; a ``rule=`` would be silently ignored: refuse it."""
+        if self.rule is not None:
+            raise TypeError(f"{type(self).__name__} builds its own rule from its fields; got rule={self.rule!r}. "
+                            "Use sj.DynamicSparsity(rule=...) for a custom rule.")
+        return built
+
+    @property
+    def layer_rule(self) -> LayerRule:
+        """The per-layer rule in use (``rule``, or the one a subclass built from its fields)."""
+        return self._rule
+
     @property
     def performs_updates(self) -> bool:
-        return bool(self.rule.updates)
+        return bool(self._rule.updates)
 
     # ----------------------------------------------------------------------------------- plans
     def layer_plans(self, params: PyTree) -> dict[str, LayerPlan]:
@@ -181,7 +193,7 @@ class DynamicSparsity:
         # get the top normal draws too, i.e. all-positive initial weights.
         key = jax.random.fold_in(key, _MASK_STREAM)
         for i, plan, first in self._sparse_leaves(params):
-            slices = [self.rule.init_mask(jax.random.fold_in(key, first + s), plan) for s in range(plan.n_slices)]
+            slices = [self._rule.init_mask(jax.random.fold_in(key, first + s), plan) for s in range(plan.n_slices)]
             masks[i] = plan.layout.from_slices(jnp.stack(slices))
         return jax.tree.unflatten(treedef, masks)
 
@@ -272,7 +284,7 @@ class DynamicSparsity:
         plan = group.plan
 
         def one_slice(w, g, m, index):
-            return self.rule.update_mask(LayerView(w, g, m, drop_frac), plan, jax.random.fold_in(key, index))
+            return self._rule.update_mask(LayerView(w, g, m, drop_frac), plan, jax.random.fold_in(key, index))
 
         views = [(lay.to_slices(ws[i]), lay.to_slices(g_leaves[i]), lay.to_slices(ms[i]))
                  for i, member_plan, _ in group.members for lay in (member_plan.layout,)]
@@ -330,7 +342,7 @@ class SRigL(DynamicSparsity):
     def make_rule(self) -> LayerRule:
         if self.gamma_sal is not None and not self.gamma_sal >= 0:
             raise ValueError(f"gamma_sal must be >= 0 or None, got {self.gamma_sal!r}")
-        return SRigLRule(self.gamma_sal, self.random_tie_break)
+        return self._own_rule(SRigLRule(self.gamma_sal, self.random_tie_break))
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -365,7 +377,7 @@ class NM(DynamicSparsity):
         super().__post_init__()
 
     def make_rule(self) -> LayerRule:
-        return NMRule(self.n, self.m, self.gamma_sal, self.random_tie_break)
+        return self._own_rule(NMRule(self.n, self.m, self.gamma_sal, self.random_tie_break))
 
     def layer_plans(self, params: PyTree) -> dict[str, LayerPlan]:
         plans = super().layer_plans(params)
@@ -381,7 +393,7 @@ class RigL(DynamicSparsity):
     """Unstructured RigL (Evci et al. 2020): magnitude drop, dense-gradient growth, per layer."""
 
     def make_rule(self) -> LayerRule:
-        return RigLRule(self.random_tie_break)
+        return self._own_rule(RigLRule(self.random_tie_break))
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -389,7 +401,7 @@ class SET(DynamicSparsity):
     """Sparse Evolutionary Training: magnitude drop, random growth."""
 
     def make_rule(self) -> LayerRule:
-        return SETRule(self.random_tie_break)
+        return self._own_rule(SETRule(self.random_tie_break))
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -399,7 +411,7 @@ class Static(DynamicSparsity):
     t_end: int = 0
 
     def make_rule(self) -> LayerRule:
-        return StaticRule()
+        return self._own_rule(StaticRule())
 
 
 def any_nonfinite(tree: PyTree) -> jax.Array:

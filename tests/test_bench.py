@@ -20,7 +20,7 @@ def test_train_step_benchmark_quick(tmp_path):
     result = json.loads(out.read_text())
     assert "Model name" in result["cpu"] and "L2 cache" in result["cpu"]
     for key in ("dense_step_ms", "srigl_step_ms", "srigl_update_step_ms", "srigl_vs_dense",
-                "update_overhead_amortised", "update_masks_layer_ms"):
+                "update_overhead_amortised", "update_masks_layer_ms", "stacked_vs_unrolled"):
         assert result[key] > 0, key
     assert "x dense" in proc.stdout and "amortised" in proc.stdout
     assert set(result["breakdown_vs_dense"]) == {"dense + masking", "dense + masking + check"}

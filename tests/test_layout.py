@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import srigl_jax as sj
 from srigl_jax.layout import infer_layouts
-from train.testing import constant_fan_in_violations
+from train.testing import constant_fan_in_violations, one_layer_at_a_time
 
 
 # ----------------------------------------------------------------------------------- inference rules
@@ -142,7 +142,7 @@ def test_erk_of_a_stacked_model_is_that_of_the_unrolled_model():
         sj.SRigL(sparsity=0.9, t_end=10).layer_plans(stacked)
 
 
-def test_equal_layers_share_one_update_with_the_same_result(monkeypatch):
+def test_equal_layers_share_one_update_with_the_same_result():
     """Layers of equal plans are batched into one mapped update; that changes nothing."""
     _, params = _models(3, 12, 8, 3)
     algo = sj.SRigL(sparsity=0.8, delta_t=1, t_end=10, gamma_sal=0.9, random_tie_break=True)
@@ -152,17 +152,10 @@ def test_equal_layers_share_one_update_with_the_same_result(monkeypatch):
     params = algo.init_params(params, masks, key)
     grads = _models(3, 12, 8, 4)[1]
     batched = jax.jit(algo.update_masks)(params, grads, masks, key, 1)
-    monkeypatch.setattr(sj.DynamicSparsity, "_groups", _singletons)
-    assert max(len(g.members) for g in algo._groups(params)) == 1
-    one_by_one = jax.jit(algo.update_masks)(params, grads, masks, key, 1)
+    with one_layer_at_a_time(algo):
+        assert max(len(g.members) for g in algo._groups(params)) == 1
+        one_by_one = jax.jit(algo.update_masks)(params, grads, masks, key, 1)
     jax.tree.map(np.testing.assert_array_equal, batched, one_by_one)
-
-
-_ORIGINAL_GROUPS = sj.DynamicSparsity._groups
-
-
-def _singletons(self, params):
-    return [type(g)(m[1], (m,)) for g in _ORIGINAL_GROUPS(self, params) for m in g.members]
 
 
 # ------------------------------------------------------------------------ end to end: nn.scan, nnx.vmap

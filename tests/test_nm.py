@@ -77,3 +77,16 @@ def test_errors():
         sj.NM(n=2, m=4, t_end=10, sparsity=0.5)
     with pytest.raises(ValueError, match="fan-in 6, not a multiple of m=4"):
         sj.NM(n=2, m=4, t_end=10).layer_plans({"Dense_0": {"kernel": jnp.ones((6, 3))}})
+
+
+def test_rule_configuration_errors():
+    with pytest.raises(TypeError, match="needs rule="):
+        sj.DynamicSparsity(sparsity=0.9, t_end=10)
+    with pytest.raises(TypeError, match="must implement"):
+        sj.DynamicSparsity(sparsity=0.9, t_end=10, rule=object())
+    with pytest.raises(TypeError, match="builds its own rule"):
+        sj.SRigL(sparsity=0.9, t_end=10, rule=sj.rules.RigLRule())
+    # dataclasses.replace rebuilds the rule from the new fields
+    import dataclasses
+    assert dataclasses.replace(sj.SRigL(sparsity=0.9, t_end=10), gamma_sal=None).layer_rule.gamma_sal is None
+    assert sj.DynamicSparsity(sparsity=0.9, t_end=10, rule=NMRule(1, 4)).layer_rule == NMRule(1, 4)

@@ -78,3 +78,20 @@ def constant_fan_in_violations(params, masks, plans: dict[str, sj.LayerPlan]) ->
         if np.any(w[~m] != 0):
             problems.append(f"{path}: {int(np.sum(w[~m] != 0))} masked weights are non-zero")
     return problems
+
+
+@contextlib.contextmanager
+def one_layer_at_a_time(algo):
+    """While tracing inside this block, every sparse leaf gets its own compiled update (the behaviour before
+    equal layers were batched), for comparison."""
+    cls = type(algo)
+    original = cls._groups
+    had_own = "_groups" in cls.__dict__
+    cls._groups = lambda self, p: [type(g)(m[1], (m,)) for g in original(self, p) for m in g.members]
+    try:
+        yield
+    finally:
+        if had_own:
+            cls._groups = original
+        else:
+            del cls._groups
