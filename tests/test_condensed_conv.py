@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import jax
@@ -14,7 +18,7 @@ from hypothesis import strategies as st
 
 from srigl_jax import _ffi_conv, _ffi_kernels
 from srigl_jax.condensed import FORCE_XLA_ENV, condense_kernel
-from tests.test_condensed import random_constant_fan_in
+from tests.test_condensed import REPO, random_constant_fan_in
 
 KERNEL = pytest.mark.skipif(not _ffi_conv.available(), reason=f"conv kernel unavailable: {_ffi_conv._load()['reason']}")
 BACKENDS = ["xla", pytest.param("ffi", marks=KERNEL)]
@@ -225,3 +229,15 @@ def test_concurrent_calls_match(monkeypatch):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "condensed_conv.py"), "--quick", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "condensed_conv_quick.json").read_text())
+    assert "load average at start" in result["machine"]["cpu"] and "load average at end" in result["machine"]
+    variants = {row["variant"] for row in result["rows"]}
+    assert {"dense_lax", "patches"} <= variants
+    assert ("conv_ffi" in variants) == _ffi_conv.available()
