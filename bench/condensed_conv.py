@@ -6,7 +6,8 @@ Layers, fp32, NHWC, constant fan-in masks at 90% sparsity (k = 10% of kh*kw*C_in
 16x16 128ch, 8x8 256ch, 4x4 512ch; the stride-2 3x3 and 1x1 shortcut convs entering each stage). Variants, timed
 interleaved in one process (each repetition runs every variant once, in a random order; medians):
 dense_lax (jit lax.conv_general_dilated + bias), patches (the old path: patches + condensed-product FFI kernel),
-conv_ffi (the new kernel, default threads: as many as XLA's CPU pool has) and conv_ffi_1t (one thread).
+conv_ffi (the new kernel, default threads: as many as XLA's CPU pool has), conv_ffi_1t (one thread) and
+conv_xla (the portable patch-free XLA formulation, up to --xla-max-batch).
 The old path is skipped where its patch tensor alone would exceed --max-patch-mb. Every result records
 bench._machine.cpu_report() (CPU model, caches, load average at the start) and the load average at the end.
 
@@ -61,7 +62,7 @@ def make_layer(rng: np.random.Generator, c_in: int, c_out: int, window: int, spa
     return kernel.reshape(window, window, c_in, c_out), bias, condense_kernel(kernel, mask, bias), k
 
 
-def build_variants(x_np, kernel, bias, layer, stride: int, max_patch_mb: float):
+def build_variants(x_np, kernel, bias, layer, stride: int, max_patch_mb: float, xla_max_batch: int):
     window = kernel.shape[:2]
     x, w, b = jnp.asarray(x_np), jnp.asarray(kernel), jnp.asarray(bias)
     dense = jax.jit(lambda x, w, b: jax.lax.conv_general_dilated(
@@ -75,6 +76,11 @@ def build_variants(x_np, kernel, bias, layer, stride: int, max_patch_mb: float):
         variants["patches"] = lambda: old(x, layer).block_until_ready()
     else:
         skipped["patches"] = f"patch tensor {patch_mb:.0f} MB > --max-patch-mb {max_patch_mb:.0f}"
+    if x_np.shape[0] <= xla_max_batch:
+        xla = jax.jit(lambda x, layer: _ffi_conv.condensed_conv2d_xla(x, layer, window, (stride, stride), "SAME"))
+        variants["conv_xla"] = lambda: xla(x, layer).block_until_ready()
+    else:
+        skipped["conv_xla"] = f"batch > --xla-max-batch {xla_max_batch}"
     if _ffi_conv.available():
         def conv(x, layer):
             return _ffi_conv.condensed_conv2d(x, layer, window, (stride, stride), "SAME", backend="ffi")
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=4.0, help="time budget per configuration")
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--max-patch-mb", type=float, default=300.0, help="skip the old path above this patch size")
+    parser.add_argument("--xla-max-batch", type=int, default=64, help="time conv_xla up to this batch")
     parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -127,7 +134,8 @@ def main(argv=None) -> int:
         kernel, bias, layer, k = make_layer(rng, c_in, c_out, window, args.sparsity)
         for batch in args.batches:
             x_np = rng.standard_normal((batch, hw, hw, c_in)).astype(np.float32)
-            variants, skipped = build_variants(x_np, kernel, bias, layer, stride, args.max_patch_mb)
+            variants, skipped = build_variants(x_np, kernel, bias, layer, stride, args.max_patch_mb,
+                                               args.xla_max_batch)
             check_outputs(variants)
             times = time_interleaved(variants, args.reps, args.budget_s, seed=args.seed, min_reps=args.min_reps)
             med = {n: float(np.median(t)) for n, t in times.items()}

@@ -35,6 +35,7 @@ from srigl_jax.condensed import FORCE_XLA_ENV, CondensedLinear, condensed_linear
 CONV_TARGET_NAME = "srigl_condensed_conv2d"
 Padding = Union[str, Sequence[tuple[int, int]]]
 Pads = tuple[tuple[int, int], tuple[int, int]]
+_MAX_XLA_OFFSET = 2**31 - 1  # the XLA formulation's tap offsets are int32
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -81,15 +82,60 @@ def _check_geometry(x, layer: CondensedLinear, window, strides) -> tuple[tuple[i
 
 
 # ---------------------------------------------------------------------------------------------------- XLA
+def _plane_geometry(in_hw, window, strides, pads) -> tuple[int, int]:
+    """(Hq, Wq): rows and columns of the stride phases of the padded input (srigl_jax/csrc/condensed_conv.h)."""
+    (h, w), (kh, kw), (sh, sw) = in_hw, window, strides
+    oh, ow = conv_output_hw(in_hw, window, strides, pads)
+    return (max(oh + (kh - 1) // sh, -(-(h + pads[0][0]) // sh)),
+            max(ow + (kw - 1) // sw, -(-(w + pads[1][0]) // sw)))
+
+
 def condensed_conv2d_xla(x, layer: CondensedLinear, window: Sequence[int], strides: Sequence[int] = (1, 1),
                          padding: Padding = "SAME"):
-    """Portable (CPU/GPU) condensed convolution in XLA: patches of the explicitly padded input, then the
-    condensed product (the formulation the FFI kernel falls back to off CPU and differentiates through)."""
+    """Portable (CPU/GPU) condensed convolution in XLA, without patches (the formulation the FFI kernel falls back
+    to off CPU and differentiates through).
+
+    The zero-padded input is split into its stride phases and laid out channel-major, as the kernel packs it
+    (planes (sh, sw, C) of (B, Hq, Wq) positions, flattened): every tap of a neuron is then one constant offset,
+    so tap j of all neurons is one gather of n_active contiguous slices, accumulated over the k taps
+    (memory O(n_active * B * Hq * Wq); the patch tensor would be kh*kw*C_in / n_active times larger). Positions
+    in the padding rows and columns are computed and dropped.
+    """
     window, strides = _check_geometry(x, layer, window, strides)
     pads = conv_padding(padding, x.shape[1:3], window, strides)
-    oh, ow = conv_output_hw(x.shape[1:3], window, strides, pads)
+    (kh, kw), (sh, sw) = window, strides
+    batch, h, w, c_in = x.shape
+    oh, ow = conv_output_hw((h, w), window, strides, pads)
+    dtype = jnp.result_type(x, layer.values)
     if oh == 0 or ow == 0:  # the padded input is smaller than the window
-        return jnp.zeros((x.shape[0], oh, ow, layer.out_features), jnp.result_type(x, layer.values))
+        return jnp.zeros((batch, oh, ow, layer.out_features), dtype)
+    hq, wq = _plane_geometry((h, w), window, strides, pads)
+    plane = batch * hq * wq
+    last_shift = ((kh - 1) // sh) * wq + (kw - 1) // sw
+    if sh * sw * c_in * plane + last_shift > _MAX_XLA_OFFSET:  # int32 offsets; such inputs go through patches
+        return _patches_conv_xla(x, layer, window, strides, pads)
+    xp = jnp.pad(x, [(0, 0), (pads[0][0], hq * sh - h - pads[0][0]), (pads[1][0], wq * sw - w - pads[1][0]), (0, 0)])
+    planes = xp.reshape(batch, hq, sh, wq, sw, c_in).transpose(2, 4, 5, 0, 1, 3)  # (sh, sw, C, B, Hq, Wq)
+    flat = jnp.pad(planes.reshape(-1), (0, last_shift))  # every slice [offset, offset + plane) stays inside
+    i = layer.indices.astype(jnp.int32)
+    dy, dx, c = i // (kw * c_in), (i // c_in) % kw, i % c_in
+    offsets = (((dy % sh) * sw + dx % sw) * c_in + c) * plane + (dy // sh) * wq + dx // sw  # (n_active, k)
+    rows = jax.vmap(lambda start: jax.lax.dynamic_slice(flat, (start,), (plane,)))  # one gather of n_active slices
+
+    def step(j, acc):
+        return acc + layer.values[:, j, None].astype(dtype) * rows(offsets[:, j])
+
+    acc = jax.lax.fori_loop(0, layer.fan_in, step, jnp.zeros((layer.n_active, plane), dtype), unroll=4)
+    y = acc.reshape(-1, batch, hq, wq)[:, :, :oh, :ow].transpose(1, 2, 3, 0)  # (B, OH, OW, n_active)
+    bias = layer.bias.astype(dtype)
+    if layer.n_active == layer.out_features:
+        return y + bias  # active is arange(out) here (sorted, all neurons)
+    return jnp.broadcast_to(bias, (batch, oh, ow, layer.out_features)).at[..., layer.active].add(y)
+
+
+def _patches_conv_xla(x, layer: CondensedLinear, window, strides, pads: Pads):
+    """Patches of the explicitly padded input, then the condensed product (for inputs too large for int32
+    offsets)."""
     xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
     return condensed_linear(extract_patches(xp, window, strides, "VALID"), layer, backend="xla")
 

@@ -96,9 +96,9 @@ def test_every_isa_and_thread_setting(monkeypatch, isa, threads, index_dtype):
         check(rng, "ffi", batch, hw, c_in, c_out, window, strides, padding, k, ablated, index_dtype)
 
 
-@KERNEL
-@given(st.data())
-def test_conv_property(data):
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(data=st.data())
+def test_conv_property(backend, data):
     """Random shapes, windows, strides and paddings: the kernel equals the dense convolution."""
     draw = data.draw
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
@@ -112,7 +112,15 @@ def test_conv_property(data):
     batch = draw(st.sampled_from([1, 2, 3, 16, 21]))
     ablated = draw(st.sampled_from([0.0, 0.4]))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
-    check(rng, "ffi", batch, (h, w), c_in, c_out, (kh, kw), (sh, sw), padding, k, ablated)
+    check(rng, backend, batch, (h, w), c_in, c_out, (kh, kw), (sh, sw), padding, k, ablated)
+
+
+def test_xla_falls_back_to_patches_beyond_int32_offsets(monkeypatch):
+    monkeypatch.setattr(_ffi_conv, "_MAX_XLA_OFFSET", 10)
+    check(np.random.default_rng(9), "xla", *expand(CASES[2]))
+    fn = jax.jit(lambda x: _ffi_conv.condensed_conv2d_xla(x, make_layer(np.random.default_rng(9), 2, 3, (3, 3), 4)[0],
+                                                           (3, 3)))
+    assert "concatenate" in fn.lower(jnp.ones((1, 5, 5, 2))).as_text()  # the patch tensor is built
 
 
 @KERNEL
