@@ -382,7 +382,7 @@ static bool RunConvConfig() {
     for (int64_t i = 0; i < n_outs; ++i) memcpy(out + i, &sentinel, 4);
     for (int64_t i = 0; i < g.packed_floats() + slack; ++i) memcpy(packed + i, &sentinel, 4);  // NaN: must be overwritten or discarded
     ConvZeroUnpacked(g, packed, slack);
-    std::vector<float> scratch(g.bi * g.TP * g.W);
+    std::vector<float> scratch(g.TP * g.W);
     for (int64_t bo = 0; bo < g.Bo; ++bo) {  // rows in random task splits
       int64_t h0 = 0;
       while (h0 < g.Hq * g.sh) {
