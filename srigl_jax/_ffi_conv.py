@@ -64,7 +64,7 @@ def conv_padding(padding: Padding, in_hw: Sequence[int], window: Sequence[int], 
 
 def conv_output_hw(in_hw: Sequence[int], window: Sequence[int], strides: Sequence[int], pads: Pads) -> tuple[int, int]:
     """Output rows and columns of the convolution (0 when the padded input is smaller than the window)."""
-    return tuple(max(0, (n + lo + hi - w) // s + 1) if n + lo + hi >= w else 0  # type: ignore[return-value]
+    return tuple((n + lo + hi - w) // s + 1 if n + lo + hi >= w else 0  # type: ignore[return-value]
                  for n, w, s, (lo, hi) in zip(in_hw, window, strides, pads))
 
 
@@ -112,14 +112,16 @@ def condensed_conv2d_xla(x, layer: CondensedLinear, window: Sequence[int], strid
     hq, wq = _plane_geometry((h, w), window, strides, pads)
     plane = batch * hq * wq
     last_shift = ((kh - 1) // sh) * wq + (kw - 1) // sw
-    if sh * sw * c_in * plane + last_shift > _MAX_XLA_OFFSET:  # int32 offsets; such inputs go through patches
+    if min(sh, kh) * min(sw, kw) * c_in * plane + last_shift > _MAX_XLA_OFFSET:  # int32 offsets; such inputs go through patches
         return _patches_conv_xla(x, layer, window, strides, pads)
     xp = jnp.pad(x, [(0, 0), (pads[0][0], hq * sh - h - pads[0][0]), (pads[1][0], wq * sw - w - pads[1][0]), (0, 0)])
-    planes = xp.reshape(batch, hq, sh, wq, sw, c_in).transpose(2, 4, 5, 0, 1, 3)  # (sh, sw, C, B, Hq, Wq)
+    ph, pw = min(sh, kh), min(sw, kw)  # phases some tap reads (a 1x1 stride-2 window reads one of four)
+    planes = xp.reshape(batch, hq, sh, wq, sw, c_in)[:, :, :ph, :, :pw].transpose(2, 4, 5, 0, 1, 3)
+    # planes: (ph, pw, C, B, Hq, Wq)
     flat = jnp.pad(planes.reshape(-1), (0, last_shift))  # every slice [offset, offset + plane) stays inside
     i = layer.indices.astype(jnp.int32)
     dy, dx, c = i // (kw * c_in), (i // c_in) % kw, i % c_in
-    offsets = (((dy % sh) * sw + dx % sw) * c_in + c) * plane + (dy // sh) * wq + dx // sw  # (n_active, k)
+    offsets = (((dy % sh) * pw + dx % sw) * c_in + c) * plane + (dy // sh) * wq + dx // sw  # (n_active, k)
     rows = jax.vmap(lambda start: jax.lax.dynamic_slice(flat, (start,), (plane,)))  # one gather of n_active slices
 
     def step(j, acc):
