@@ -54,7 +54,8 @@ class OptionalBuildExt(build_ext):
 kernel = Extension(
     "srigl_jax._condensed_kernel",
     sources=["srigl_jax/csrc/condensed_kernel.cc"],
-    depends=["srigl_jax/csrc/condensed_kernel_impl.inc"],
+    depends=["srigl_jax/csrc/condensed_kernel_impl.inc", "srigl_jax/csrc/condensed_conv.h",
+             "srigl_jax/csrc/condensed_conv_impl.inc", "srigl_jax/csrc/condensed_conv_ffi.inc"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-Wno-attributes"],
     optional=True,

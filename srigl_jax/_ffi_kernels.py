@@ -68,8 +68,9 @@ def _load() -> dict[str, object]:
         return _state
 
 
-def _smoke_test() -> None:
-    """Run the kernel once on a tiny layer (catches a build against an incompatible jaxlib).
+def _smoke_test(check=None) -> None:
+    """Run the kernel once on a tiny layer (catches a build against an incompatible jaxlib); ``check``: another
+    check to run the same way instead (raises on a wrong answer).
 
     Runs in a fresh thread: loading usually happens while a caller's function is being traced, and JAX's
     trace state is per thread, so this small computation executes instead of being traced.
@@ -78,7 +79,7 @@ def _smoke_test() -> None:
 
     def run() -> None:
         try:
-            outcome.append(_smoke_result())
+            outcome.append((check or _smoke_result)())
         except Exception as err:  # reported to the loading thread
             outcome.append(err)
 
@@ -102,6 +103,12 @@ def _smoke_result() -> None:
 def available() -> bool:
     """True if the C++ kernel is built and registered with XLA."""
     return bool(_load()["ok"])
+
+
+def loaded_library() -> ctypes.CDLL | None:
+    """The loaded kernel library (for registering its other targets, e.g. srigl_jax._ffi_conv), None if unusable."""
+    state = _load()
+    return state["lib"] if state["ok"] else None
 
 
 def unavailable_reason() -> str:

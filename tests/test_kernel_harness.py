@@ -4,6 +4,9 @@ tests/csrc/kernel_harness.cc includes the kernel source, draws random layers (ed
 int32 indices, bad indices), computes them over random row partitions as the thread chunks do, and checks
 values, the bad-index flag and that rows outside a chunk are never written, against a double reference.
 Buffers are exact-size (ASan) or end/start at a guard page (AVX-512 accesses that ASan does not instrument).
+Every third configuration also runs a random condensed convolution (srigl_condensed_conv2d's packing, tap
+table and blocks; random windows, strides, paddings, batch chunks, ablation, bad indices) against a double
+reference.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def run_harness(exe: pathlib.Path, configs: int, mode: int, seed: int) -> str:
 def test_kernel_blocks_match_reference_under_sanitizers(harness, mode, seed):
     out = run_harness(harness, 3000, mode, seed)
     assert "configs=3000" in out
+    assert int(out.split("conv configs=", 1)[1].split()[0]) > 500
     tested = out.split("variants:", 1)[1].split("\n", 1)[0].split()
     # every variant the package kernel runs on this CPU went through the harness
     assert set(_ffi_kernels.kernel_isas() or ["generic"]) <= set(tested), tested

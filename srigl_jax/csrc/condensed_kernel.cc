@@ -15,6 +15,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "condensed_conv.h"
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -25,6 +27,7 @@ namespace srigl_condensed {
 
 namespace generic {
 #include "condensed_kernel_impl.inc"
+#include "condensed_conv_impl.inc"
 }  // namespace generic
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -34,6 +37,7 @@ namespace generic {
 namespace avx2 {
 #define SRIGL_ISA_AVX2 1
 #include "condensed_kernel_impl.inc"
+#include "condensed_conv_impl.inc"
 #undef SRIGL_ISA_AVX2
 }  // namespace avx2
 #pragma GCC pop_options
@@ -42,6 +46,7 @@ namespace avx2 {
 namespace avx512 {
 #define SRIGL_ISA_AVX512 1
 #include "condensed_kernel_impl.inc"
+#include "condensed_conv_impl.inc"
 #undef SRIGL_ISA_AVX512
 }  // namespace avx512
 #pragma GCC pop_options
@@ -267,3 +272,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMa
 
 // The level of the best instruction-set variant this CPU runs (0, 1, 2; names in srigl_jax/_ffi_kernels.py).
 extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel(); }
+
+// The condensed convolution (srigl_condensed_conv2d) shares the ISA copies and thread conventions above.
+#include "condensed_conv_ffi.inc"

@@ -7,7 +7,8 @@
 // every panel width and the gathered columns, ablation 0-100%, int16/int32 indices, sometimes bad indices),
 // the batch panels packed in two tasks, and the rows computed over a random partition (or sub-range) of
 // [0, n_out) as the thread chunks do. Checked: values, the bad-index flag, and that rows outside the ranges
-// are never written. Exit status 0 when everything matched.
+// are never written. Every third configuration also runs a random condensed convolution (RunConvConfig).
+// Exit status 0 when everything matched.
 #include "condensed_kernel.cc"  // -I srigl_jax/csrc
 
 #include <sys/mman.h>
@@ -302,6 +303,134 @@ __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) static bo
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------- convolution
+// One random condensed convolution (srigl_condensed_conv2d's pieces: packing over random row tasks, the tap
+// table over random group ranges, blocks over a random partition of runs x groups), every ISA variant, against
+// a double reference. The packed input ends at a guard page (mode 1) or is exact-size: the kernel may read its
+// slack but nothing after. Checked: values, the bad-index flag, every output element written exactly where
+// expected (a sentinel elsewhere would show).
+static long n_conv_cfg = 0;
+
+static bool RunConvConfig() {
+  ConvGeom g0{};
+  const int r = rng() % 4;
+  g0.B = r == 0 ? rnd(15, 40) : rnd(1, 6);
+  g0.H = rnd(1, 12), g0.W = rnd(1, 12), g0.C = rng() % 5 == 0 ? rnd(16, 40) : rnd(1, 9);
+  g0.kh = rnd(1, 5), g0.kw = rnd(1, 5), g0.sh = rnd(1, 3), g0.sw = rnd(1, 3);
+  g0.pt = rnd(0, 4), g0.pl = rnd(0, 4);
+  const int64_t pb = rnd(0, 4), pr = rnd(0, 4);
+  const int64_t hp = g0.H + g0.pt + pb, wp = g0.W + g0.pl + pr;
+  if (hp < g0.kh || wp < g0.kw) return true;  // no output (the handler returns before any of this)
+  g0.OH = (hp - g0.kh) / g0.sh + 1, g0.OW = (wp - g0.kw) / g0.sw + 1;
+  g0.n_out = rnd(1, 40);
+  const int64_t n_taps = g0.kh * g0.kw * g0.C;
+  const int64_t k = rng() % 3 == 0 ? pick_edge(n_taps) : rnd(0, n_taps);
+  const bool i16 = rng() % 2;
+  const double ablate_p = (double[]){0.0, 0.0, 0.2, 0.5, 1.0}[rng() % 5];
+  std::vector<int32_t> active, ablated;
+  std::uniform_real_distribution<double> U(0, 1);
+  for (int64_t o = 0; o < g0.n_out; ++o) (U(rng) >= ablate_p ? active : ablated).push_back((int32_t)o);
+  if (rng() % 3 == 0) std::shuffle(active.begin(), active.end(), rng);  // any order of active channels
+  const int64_t n_active = (int64_t)active.size();
+  std::normal_distribution<float> N(0, 1);
+  std::vector<float> x(g0.B * g0.H * g0.W * g0.C), V(n_active * k), bias(g0.n_out);
+  for (auto& v : x) v = N(rng);
+  for (auto& v : V) v = N(rng);
+  for (auto& v : bias) v = N(rng);
+  std::vector<int64_t> idx(n_active * k);
+  for (auto& i : idx) i = (int64_t)(rng() % (uint64_t)n_taps);
+  const bool inject = n_active > 0 && k > 0 && rng() % 6 == 0;
+  if (inject) idx[rnd(0, n_active * k - 1)] = (int64_t[]){-1, n_taps, i16 ? 32767 : INT32_MAX, i16 ? -32768 : INT32_MIN}[rng() % 4];
+  std::vector<int16_t> I16(idx.begin(), idx.end());
+  std::vector<int32_t> I32(idx.begin(), idx.end());
+
+  // reference
+  const int64_t n_outs = g0.B * g0.OH * g0.OW * g0.n_out;
+  std::vector<double> ref(n_outs), scale(n_outs);
+  for (int64_t b = 0; b < g0.B; ++b)
+    for (int64_t oh = 0; oh < g0.OH; ++oh)
+      for (int64_t ow = 0; ow < g0.OW; ++ow) {
+        const int64_t at = ((b * g0.OH + oh) * g0.OW + ow) * g0.n_out;
+        for (int64_t o = 0; o < g0.n_out; ++o) ref[at + o] = bias[o], scale[at + o] = std::fabs(bias[o]);
+        for (int64_t rr = 0; rr < n_active && !inject; ++rr)
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t i = idx[rr * k + j], dy = i / (g0.kw * g0.C), dx = (i / g0.C) % g0.kw, c = i % g0.C;
+            const int64_t h = oh * g0.sh + dy - g0.pt, w = ow * g0.sw + dx - g0.pl;
+            if (h < 0 || h >= g0.H || w < 0 || w >= g0.W) continue;
+            const double p = (double)V[rr * k + j] * x[((b * g0.H + h) * g0.W + w) * g0.C + c];
+            ref[at + active[rr]] += p;
+            scale[at + active[rr]] += std::fabs(p);
+          }
+      }
+
+  bool ok = true;
+  const int n_isas = 1 + BestIsaLevel();
+  for (int t = 0; t < n_isas; ++t) {
+    const ConvIsa& isa = kConvIsas[t];
+    ConvGeom g = g0;
+    g.TP = isa.tile_width();
+    PlanConv(g);
+    const int64_t slack = ConvSlack(g), R = isa.group(), n_groups = (n_active + R - 1) / R;
+    Alloc apk, aout, ax;
+    ax.make(std::max<size_t>(1, x.size()) * 4);
+    memcpy(ax.p, x.data(), x.size() * 4);
+    apk.make((g.packed_floats() + slack) * 4);
+    aout.make(std::max<int64_t>(1, n_outs) * 4);
+    float* packed = (float*)apk.p;
+    float* out = (float*)aout.p;
+    const uint32_t sentinel = 0x7fc0beefu;
+    for (int64_t i = 0; i < n_outs; ++i) memcpy(out + i, &sentinel, 4);
+    for (int64_t i = 0; i < g.packed_floats() + slack; ++i) memcpy(packed + i, &sentinel, 4);  // NaN: must be overwritten or discarded
+    ConvZeroUnpacked(g, packed, slack);
+    std::vector<float> scratch(g.TP * g.W);
+    for (int64_t bo = 0; bo < g.Bo; ++bo) {  // rows in random task splits
+      int64_t h0 = 0;
+      while (h0 < g.Hq * g.sh) {
+        const int64_t h1 = std::min(g.Hq * g.sh, h0 + rnd(1, 5));
+        isa.pack((const float*)ax.p, g, bo, h0, h1, packed, scratch.data());
+        h0 = h1;
+      }
+    }
+    std::vector<int32_t> tap_off(n_taps);
+    for (int64_t i = 0; i < n_taps; ++i) tap_off[i] = (int32_t)g.tap_offset(i);
+    std::vector<ConvTap> taps(n_groups * k * R);
+    bool good = true;
+    for (int64_t a = 0; a < n_groups;) {
+      const int64_t b = std::min(n_groups, a + rnd(1, 3));
+      good &= i16 ? ConvTapTable(tap_off, I16.data(), V.data(), n_active, k, R, a, b, taps.data())
+                  : ConvTapTable(tap_off, I32.data(), V.data(), n_active, k, R, a, b, taps.data());
+      a = b;
+    }
+    if (good == inject) {
+      ok = false;
+      printf("[conv %d] bad-index flag %d, injected %d\n", t, !good, inject);
+    }
+    if (!good) continue;
+    const int64_t runs_per = rnd(1, 4), groups_per = rnd(1, 3);
+    std::vector<int64_t> out_at;
+    for (int64_t r0 = 0; r0 < g.n_runs(); r0 += runs_per)
+      for (int64_t a = 0; a < std::max<int64_t>(1, n_groups); a += groups_per)
+        ConvBlock(isa, g, packed, taps.data(), k, active.data(), n_active, a, std::min(n_groups, a + groups_per),
+                  r0, std::min(g.n_runs(), r0 + runs_per), a == 0, ablated, bias.data(), out_at, out);
+    int shown = 0;
+    for (int64_t i = 0; i < n_outs; ++i) {
+      const double err = std::fabs((double)out[i] - ref[i]);
+      if (!(err <= 1e-5 * scale[i] + 1e-30)) {  // also catches the sentinel (NaN): an element never written
+        ok = false;
+        if (shown++ < 5) printf("[conv %d] mismatch at %ld: got %.9g ref %.9g\n", t, (long)i, out[i], ref[i]);
+      }
+    }
+  }
+  ++n_conv_cfg;
+  if (!ok) {
+    printf("conv config: B=%ld H=%ld W=%ld C=%ld k=%ldx%ld s=%ldx%ld pads=%ld,%ld,%ld,%ld out=%ld k=%ld n_active=%ld "
+           "i16=%d inject=%d\n", (long)g0.B, (long)g0.H, (long)g0.W, (long)g0.C, (long)g0.kh, (long)g0.kw,
+           (long)g0.sh, (long)g0.sw, (long)g0.pt, (long)pb, (long)g0.pl, (long)pr, (long)g0.n_out, (long)k,
+           (long)n_active, (int)i16, (int)inject);
+  }
+  return ok;
+}
+
 int main(int argc, char** argv) {
   long iters = argc > 1 ? atol(argv[1]) : 10000;
   g_mode = argc > 2 ? atoi(argv[2]) : 0;
@@ -321,12 +450,12 @@ int main(int argc, char** argv) {
   printf("\n");
   long fails = 0;
   for (long i = 0; i < iters; ++i) {
-    if (!RunConfig(isas.data(), static_cast<int>(isas.size()), false)) {
+    if (!RunConfig(isas.data(), static_cast<int>(isas.size()), false) || (i % 3 == 0 && !RunConvConfig())) {
       ++fails;
       if (fails > 10) break;
     }
   }
-  printf("mode=%d seed=%lu configs=%ld (with injected bad indices: %ld) block calls=%ld failures=%ld\n", g_mode,
-         (unsigned long)seed, n_cfg, n_bad_cfg, n_calls, fails);
+  printf("mode=%d seed=%lu configs=%ld (with injected bad indices: %ld) block calls=%ld conv configs=%ld failures=%ld\n",
+         g_mode, (unsigned long)seed, n_cfg, n_bad_cfg, n_calls, n_conv_cfg, fails);
   return ok && fails == 0 ? 0 : 1;
 }
