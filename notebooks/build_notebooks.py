@@ -165,7 +165,7 @@ CONDENSED = [
 # Condensed inference: from a trained SRigL model to a fast constant fan-in layer
 
 A trained SRigL layer has two exploitable structures: **ablated neurons** (whole columns masked) and **constant
-fan-in** (every other neuron has exactly k' inputs). `srigl_jax.condensed` exports
+fan-in** (every other neuron has exactly k' inputs). `srigl_jax.inference` exports
 
 * **structured**: ablated neurons removed (and the next layer's matching inputs, their constant output folded
   into its bias): a smaller dense model;
@@ -183,7 +183,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto wi
 import os, shutil, tempfile, time
 import jax, jax.numpy as jnp, numpy as np
 from srigl_jax import plotting
-from srigl_jax.condensed import CondensedLinear, condensed_linear, export_condensed, export_structured
+from srigl_jax.inference import CondensedLinear, condensed_linear, export_condensed, export_structured
 from train.configs import get_config
 from train.data import load_mnist, normalize
 from train.loop import train

@@ -15,7 +15,7 @@ from srigl_jax.algorithms import (
     Static,
     any_nonfinite,
 )
-from srigl_jax.condensed import (
+from srigl_jax.inference import (
     CondensedConv,
     CondensedDense,
     CondensedLinear,

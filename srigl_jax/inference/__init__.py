@@ -1,0 +1,39 @@
+"""Fast inference for constant fan-in sparse models.
+
+``ops`` (the condensed representation and its pure-XLA product; a leaf module), ``dispatch`` (FFI or XLA),
+``export`` (structured / condensed exports of a params tree), ``modules`` (linen modules), ``condense``
+(:func:`condense`: a whole unchanged model, per-layer kernel choice), ``kernels`` (the per-layer kernels).
+"""
+
+from srigl_jax.inference.dispatch import FORCE_XLA_ENV, condensed_conv, condensed_linear, use_ffi_kernel
+from srigl_jax.inference.export import (
+    condense_kernel,
+    condensed_variables,
+    constant_fan_in,
+    default_layer_order,
+    densify,
+    export_condensed,
+    export_structured,
+)
+from srigl_jax.inference.modules import CondensedConv, CondensedDense
+from srigl_jax.inference.ops import CondensedLinear, condensed_matmul_xla, extract_patches, index_dtype_for
+
+__all__ = [
+    "FORCE_XLA_ENV",
+    "CondensedConv",
+    "CondensedDense",
+    "CondensedLinear",
+    "condense_kernel",
+    "condensed_conv",
+    "condensed_linear",
+    "condensed_matmul_xla",
+    "condensed_variables",
+    "constant_fan_in",
+    "default_layer_order",
+    "densify",
+    "export_condensed",
+    "export_structured",
+    "extract_patches",
+    "index_dtype_for",
+    "use_ffi_kernel",
+]
