@@ -17,8 +17,10 @@ from srigl_jax.algorithms import (
 )
 from srigl_jax.inference import (
     CondensedConv,
+    CondensedModel,
     CondensedDense,
     CondensedLinear,
+    condense,
     condensed_conv,
     condensed_linear,
     export_condensed,
@@ -47,6 +49,8 @@ __all__ = [
     "CondensedConv",
     "CondensedDense",
     "CondensedLinear",
+    "CondensedModel",
+    "condense",
     "condensed_conv",
     "condensed_linear",
     "export_condensed",

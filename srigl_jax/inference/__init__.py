@@ -5,6 +5,7 @@
 (:func:`condense`: a whole unchanged model, per-layer kernel choice), ``kernels`` (the per-layer kernels).
 """
 
+from srigl_jax.inference.condense import CondensedLayer, CondensedModel, LayerChoice, Timing, condense, layer_call
 from srigl_jax.inference.dispatch import FORCE_XLA_ENV, condensed_conv, condensed_linear, use_ffi_kernel
 from srigl_jax.inference.export import (
     condense_kernel,
@@ -15,10 +16,22 @@ from srigl_jax.inference.export import (
     export_condensed,
     export_structured,
 )
+from srigl_jax.inference.kernels import KERNELS, Kernel, LayerCall, LayerStats, register_kernel
 from srigl_jax.inference.modules import CondensedConv, CondensedDense
 from srigl_jax.inference.ops import CondensedLinear, condensed_matmul_xla, extract_patches, index_dtype_for
 
 __all__ = [
+    "KERNELS",
+    "CondensedLayer",
+    "CondensedModel",
+    "Kernel",
+    "LayerCall",
+    "LayerChoice",
+    "LayerStats",
+    "Timing",
+    "condense",
+    "layer_call",
+    "register_kernel",
     "FORCE_XLA_ENV",
     "CondensedConv",
     "CondensedDense",

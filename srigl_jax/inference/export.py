@@ -45,10 +45,15 @@ def get_path(tree: Params, path: str, tree_name: str = "params") -> Any:
 
 
 def set_path(tree: Params, path: str, value: Any) -> Params:
-    """A copy of the nested dict ``tree`` with ``path`` replaced (only the dicts on the path are copied)."""
+    """A copy of the nested dict ``tree`` with ``path`` set (only the dicts on the path are copied; missing ones
+    are created).
+
+    >>> set_path({"a": {"b": 1}}, "a/c/d", 2)
+    {'a': {'b': 1, 'c': {'d': 2}}}
+    """
     head, _, rest = path.partition("/")
     out = dict(tree)
-    out[head] = set_path(tree[head], rest, value) if rest else value
+    out[head] = set_path(tree.get(head, {}), rest, value) if rest else value
     return out
 
 
