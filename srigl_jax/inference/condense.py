@@ -296,6 +296,14 @@ class CondensedModel:
     model: nn.Module = struct.field(pytree_node=False)
     choices: tuple[LayerChoice, ...] = struct.field(pytree_node=False)
 
+    # Identity hashing: the variables (dicts of arrays) are not hashable, and jax.jit(fast) needs a hashable
+    # callable.
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
     def apply(self, variables: Params, *args: Any, **kwargs: Any) -> Any:
         """``model.apply`` with the replaced layers' calls intercepted."""
         routes = {c.path: c.kernel for c in self.choices if c.kernel != DENSE.name}
@@ -424,6 +432,8 @@ def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, examp
             reason = call
         else:
             reason = layer.reason
+        if layer.stats.dense_mask and reason == layer.reason:
+            override = None  # regex overrides name sparse layers: a dense-mask layer runs as it is
         if override not in (None, AUTO):
             why = reason or KERNELS[override].unsupported(call, layer.stats, x_dtype)
             if why:
@@ -454,7 +464,7 @@ def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, examp
             model_params = _drop_path(model_params, path)
     fast = CondensedModel({"model": {**variables, "params": model_params}, "layers": layer_vars}, model,
                           tuple(choices))
-    if check_model and structs is not None and any(c.kernel != DENSE.name for c in choices):
+    if check_model and any(c.kernel != DENSE.name and c.times_us for c in choices):
         fast = _check_whole_model(fast, variables, structs, apply_kwargs, timing)
     return fast
 
@@ -492,10 +502,17 @@ def _check_whole_model(fast: CondensedModel, variables: Params, structs: tuple, 
     wins = float(np.mean(t["condensed"] < t["dense"]))
     if ratio >= 1.0 and wins >= 0.5:
         return fast
-    choices = tuple(dataclasses.replace(c, kernel=DENSE.name, reason=f"whole model only {ratio:.2f}x dense "
-                                        f"(wins {wins:.0%}): all dense; was {c.kernel}: {c.reason}")
-                    if c.kernel != DENSE.name else c for c in fast.choices)
-    return CondensedModel({"model": variables, "layers": {}}, fast.model, choices)
+    choices, model_params, layer_vars = [], variables["params"], {}
+    for c in fast.choices:
+        if c.kernel != DENSE.name and c.times_us:  # measured choices fall back; kernels= overrides stay
+            c = dataclasses.replace(c, kernel=DENSE.name, reason=f"whole model only {ratio:.2f}x dense (wins "
+                                    f"{wins:.0%}): measured layers dense; was {c.kernel}: {c.reason}")
+        elif c.kernel != DENSE.name:
+            layer_vars = set_path(layer_vars, c.path, get_path(fast.variables["layers"], c.path))
+            model_params = _drop_path(model_params, c.path)
+        choices.append(c)
+    return CondensedModel({"model": {**variables, "params": model_params}, "layers": layer_vars}, fast.model,
+                          tuple(choices))
 
 
 # --------------------------------------------------------------------------------------------------------------
