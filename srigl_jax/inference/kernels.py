@@ -204,3 +204,6 @@ for _backend in ("ffi", "xla"):
                            _condensed_apply(_backend)))
     register_kernel(Kernel(f"conv_patches_{_backend}", _condensed_unsupported(CONV, _backend), _prepare_condensed,
                            _condensed_apply(_backend)))
+
+# Kernels defined in other modules register themselves when imported (``register_kernel(Kernel(...))``); import
+# such a module here so that ``condense`` always measures it (e.g. an implicit-im2col conv kernel).
