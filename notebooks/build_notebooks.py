@@ -287,7 +287,7 @@ rn_algo = sj.SRigL(sparsity=0.9, t_end=100)
 rn_masks = rn_algo.init_masks(rn_vars["params"], jax.random.key(1))
 rn_vars = {**rn_vars, "params": rn_algo.init_params(rn_vars["params"], rn_masks, jax.random.key(2))}
 
-BATCHES = (1, 8) if SMALL else (1, 16, 64)
+BATCHES = (1, 8) if SMALL else (1, 32)
 fast = {b: sj.condense(resnet, rn_vars, rn_masks, example=jax.ShapeDtypeStruct((b, *image), jnp.float32),
                        apply_kwargs={"train": False}) for b in BATCHES}
 print(fast[1].table())"""),
@@ -303,7 +303,7 @@ for b in BATCHES:
     for fn in runs.values():
         fn()
     samples = {name: [] for name in runs}
-    for _ in range(5 if SMALL else 20):          # interleaved: both see the same machine load
+    for _ in range(5 if SMALL else 10):          # interleaved: both see the same machine load
         for name, fn in runs.items():
             t = time.perf_counter(); fn(); samples[name].append(time.perf_counter() - t)
     rn_times[b] = {name: 1e3 * float(np.median(v)) for name, v in samples.items()}
