@@ -1,7 +1,8 @@
 """Whole models through ``sj.condense`` vs the dense model, fp32 on CPU, measured interleaved in one process.
 
-Models (train/models.py): MLP 784-3072-768-10, ResNet-18 (CIFAR, 32x32), ViT-B/16 (224x224), each with 90%
-SRigL constant fan-in masks (ERK; ViT: 90% on every layer but the dense attention in-projections) (random, ``init_masks`` + ``init_params``). For every batch size, ``condense``
+Models (train/models.py): MLP 784-3072-768-10, ResNet-18 (CIFAR, 32x32), ViT-B/16 (224x224), each with random
+90% SRigL constant fan-in masks (``init_masks`` + ``init_params``; ERK, and for the ViT 90% on every layer but
+the dense attention in-projections, the paper's setting). For every batch size, ``condense``
 chooses each layer's kernel by timing it on that layer's shape at the batch (and checks the whole model);
 then the jitted dense ``model.apply`` and the jitted condensed model (variables as arguments) are timed
 alternately, and for the MLP also a numpy dense forward (the best dense on many CPUs at batch 1). Ratios are
@@ -130,7 +131,8 @@ def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing)
     t = interleaved(fns, reps)
     med = {name: float(np.median(v)) for name, v in t.items()}
     row = {
-        "model": case.name, "distribution": case.distribution, "batch": batch, "reps": reps, "condense_s": round(condense_s, 2),
+        "model": case.name, "distribution": case.distribution, "batch": batch, "reps": reps,
+        "condense_s": round(condense_s, 2),
         "max_rel_err": err,
         **{f"{name}_ms": round(m * 1e3, 4) for name, m in med.items()},
         "speedup_vs_dense_jnp": med["dense_jnp"] / med["condensed"],

@@ -24,7 +24,6 @@ constant ``act(bias)`` folded forward is exact only for known sequential chains:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import time
@@ -386,12 +385,57 @@ def _as_example(example: Any, batch_size: int | None) -> tuple:
                  for a in structs)
 
 
-def _static_choice(layer: _Layer, call: LayerCall, x_dtype: Any) -> tuple[str, str]:
+def _static_choice(layer: _Layer, call: LayerCall, x_dtype: Any) -> str:
     """The rule without a measurement: condensed FFI for linear layers, structured where neurons are ablated."""
     for name in ("condensed_ffi", "structured"):
         if name in KERNELS and not KERNELS[name].unsupported(call, layer.stats, x_dtype):
-            return name, "fixed rule (no example input to measure on)"
-    return DENSE.name, "fixed rule (no example input to measure on)"
+            return name
+    return DENSE.name
+
+
+def _decide(layer: _Layer, entry: _Seen | None, call: LayerCall | str, override: str | None, measuring: bool,
+            timing: Timing, measured: dict) -> LayerChoice:
+    """One layer's kernel: the override, else dense with a reason, else the fixed rule or the measurement
+    (``measured`` caches timings by shapes: same-shape layers are timed once)."""
+    path, stats = layer.path, layer.stats
+    inputs = tuple(entry.inputs) if entry else ()
+    x_dtype = inputs[0].dtype if inputs else layer.kernel.dtype
+    record = dict(path=path, module=entry.module if entry else "", kernel_shape=stats.kernel_shape,
+                  input_shapes=tuple(s.shape for s in inputs), fan_in=stats.fan_in, n_active=stats.n_active,
+                  n_out=stats.n_out)
+    if override == DENSE.name:
+        return LayerChoice(**record, kernel=DENSE.name, reason="kernels= override")
+    if entry is not None and entry.kernel_shape != stats.kernel_shape:
+        raise ValueError(
+            f"model layer {path!r} ({entry.module}) cannot be matched to its mask: the module sees a kernel of shape "
+            f"{entry.kernel_shape}, the params/masks trees hold {stats.kernel_shape} (a lifted or stacked "
+            f"layer?); pass kernels={{{path!r}: 'dense'}} to run it as it is")
+    if measuring and entry is None:
+        reason = "not called as nn.Dense / nn.Conv / nn.DenseGeneral by the model"
+    else:
+        reason = call if isinstance(call, str) else layer.reason
+    if stats.dense_mask and reason == layer.reason:
+        override = None  # regex overrides name sparse layers: a dense-mask layer runs as it is
+    if override not in (None, AUTO):
+        why = reason or KERNELS[override].unsupported(call, stats, x_dtype)
+        if why:
+            raise ValueError(f"kernels=: layer {path!r} cannot run {override!r}: {why}")
+        return LayerChoice(**record, kernel=override, reason="kernels= override")
+    if reason:
+        return LayerChoice(**record, kernel=DENSE.name, reason=reason)
+    if not measuring:
+        return LayerChoice(**record, kernel=_static_choice(layer, call, x_dtype),
+                           reason="fixed rule (no example input to measure on)")
+    names = [n for n, k in KERNELS.items() if not k.unsupported(call, stats, x_dtype)]
+    key = (call, stats.kernel_shape, stats.fan_in, stats.n_active, inputs, tuple(names))
+    if key not in measured:
+        measured[key] = (_measure_layer(layer, call, inputs, names, timing), path)
+    times, first = measured[key]
+    kernel, reason = _pick(times, DENSE.name, timing)
+    if first != path:
+        reason += f" (timed on {first}: same shapes)"
+    return LayerChoice(**record, kernel=kernel, reason=reason,
+                       times_us=tuple((n, float(np.median(v) * 1e6)) for n, v in times.items()))
 
 
 def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, example: Any,
@@ -401,72 +445,31 @@ def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, examp
     if "params" not in variables:
         raise KeyError("variables has no 'params' collection (pass the dict model.init returned)")
     apply_kwargs = dict(apply_kwargs or {})
-    for name in set((kernels or {}).values()) - set(KERNELS) - {AUTO}:
-        raise ValueError(f"kernels=: unknown kernel {name!r}; known: {sorted(KERNELS)} or 'auto'")
+    _check_kernel_names(kernels)
     layers = _layers(variables["params"], masks)
     structs = _as_example(example, batch_size) if example is not None else None
     seen = _record_calls(model, variables, structs, apply_kwargs) if structs is not None else {}
-    measured: dict[Any, tuple[dict[str, np.ndarray], str]] = {}
+    measured: dict = {}
     choices, layer_vars, model_params = [], {}, variables["params"]
     for path, layer in layers.items():
         entry = seen.get(path)
-        override = _override(path, kernels)
-        inputs = tuple(entry.inputs) if entry else ()
-        module = entry.module if entry else ""
         call = entry.call if entry else _guess_call(layer)
-        x_dtype = inputs[0].dtype if inputs else layer.kernel.dtype
-        record = dict(path=path, module=module, kernel_shape=layer.stats.kernel_shape,
-                      input_shapes=tuple(s.shape for s in inputs), fan_in=layer.stats.fan_in,
-                      n_active=layer.stats.n_active, n_out=layer.stats.n_out)
-        if override == DENSE.name:
-            choices.append(LayerChoice(**record, kernel=DENSE.name, reason="kernels= override"))
-            continue
-        if entry is not None and entry.kernel_shape != layer.stats.kernel_shape:
-            raise ValueError(
-                f"model layer {path!r} ({module}) cannot be matched to its mask: the module sees a kernel of shape "
-                f"{entry.kernel_shape}, the params/masks trees hold {layer.stats.kernel_shape} (a lifted or stacked "
-                f"layer?); pass kernels={{{path!r}: 'dense'}} to run it as it is")
-        if structs is not None and entry is None:
-            reason = "not called as nn.Dense / nn.Conv / nn.DenseGeneral by the model"
-        elif isinstance(call, str):
-            reason = call
-        else:
-            reason = layer.reason
-        if layer.stats.dense_mask and reason == layer.reason:
-            override = None  # regex overrides name sparse layers: a dense-mask layer runs as it is
-        if override not in (None, AUTO):
-            why = reason or KERNELS[override].unsupported(call, layer.stats, x_dtype)
-            if why:
-                raise ValueError(f"kernels=: layer {path!r} cannot run {override!r}: {why}")
-            kernel_name, reason, times = override, "kernels= override", ()
-        elif reason:
-            choices.append(LayerChoice(**record, kernel=DENSE.name, reason=reason))
-            continue
-        elif structs is None:
-            kernel_name, reason = _static_choice(layer, call, x_dtype)
-            times = ()
-        else:
-            names = [n for n, k in KERNELS.items() if not k.unsupported(call, layer.stats, x_dtype)]
-            key = (call, layer.stats.kernel_shape, layer.stats.fan_in, layer.stats.n_active, inputs, tuple(names))
-            if key not in measured:
-                t = _measure_layer(layer, call, inputs, names, timing)
-                measured[key] = (t, path)
-                kernel_name, reason = _pick(t, DENSE.name, timing)
-            else:
-                t, first = measured[key]
-                kernel_name, reason = _pick(t, DENSE.name, timing)
-                reason += f" (timed on {first}: same shapes)"
-            times = tuple((n, float(np.median(v) * 1e6)) for n, v in t.items())
-        choices.append(LayerChoice(**record, kernel=kernel_name, reason=reason, times_us=times))
-        if kernel_name != DENSE.name:
-            layer_vars = set_path(layer_vars, path, KERNELS[kernel_name].prepare(layer.kernel, layer.mask,
-                                                                                 layer.bias, call))
+        choice = _decide(layer, entry, call, _override(path, kernels), structs is not None, timing, measured)
+        choices.append(choice)
+        if choice.kernel != DENSE.name:
+            variables_ = KERNELS[choice.kernel].prepare(layer.kernel, layer.mask, layer.bias, call)
+            layer_vars = set_path(layer_vars, path, variables_)
             model_params = _drop_path(model_params, path)
     fast = CondensedModel({"model": {**variables, "params": model_params}, "layers": layer_vars}, model,
                           tuple(choices))
     if check_model and any(c.kernel != DENSE.name and c.times_us for c in choices):
         fast = _check_whole_model(fast, variables, structs, apply_kwargs, timing)
     return fast
+
+
+def _check_kernel_names(kernels: Mapping[str, str] | None) -> None:
+    for name in sorted(set((kernels or {}).values()) - set(KERNELS) - {AUTO}):
+        raise ValueError(f"kernels=: unknown kernel {name!r}; known: {sorted(KERNELS)} or 'auto'")
 
 
 def _guess_call(layer: _Layer) -> LayerCall | str:
@@ -555,8 +558,7 @@ def _nnx_parent_set(root: Any, path: tuple, value: Any) -> None:
 def _condense_nnx(module: nnx.Module, masks: Any, *, kernels: Mapping[str, str] | None
                   ) -> tuple[nnx.Module, tuple[LayerChoice, ...]]:
     """A copy of ``module`` with its sparse nnx.Linear / nnx.Conv layers replaced (fixed rule or override)."""
-    for name in set((kernels or {}).values()) - set(KERNELS) - {AUTO}:
-        raise ValueError(f"kernels=: unknown kernel {name!r}; known: {sorted(KERNELS)} or 'auto'")
+    _check_kernel_names(kernels)
     module = nnx.clone(module)
     params = _nested(named_leaves(nnx.state(module, nnx.Param))[0])
     mask_tree = _nested(named_leaves(masks)[0])
@@ -581,7 +583,7 @@ def _condense_nnx(module: nnx.Module, masks: Any, *, kernels: Mapping[str, str] 
                 raise ValueError(f"kernels=: layer {path!r} cannot run {override!r}: {why}")
             name, why = override, "kernels= override"
         else:
-            name, why = _static_choice(layer, call, layer.kernel.dtype)
+            name, why = _static_choice(layer, call, layer.kernel.dtype), "fixed rule (NNX: no measurement)"
         choices.append(LayerChoice(**record, kernel=name, reason=why))
         if name != DENSE.name:
             variables = KERNELS[name].prepare(layer.kernel, layer.mask, layer.bias, call)
