@@ -1,8 +1,9 @@
 """Fast inference for constant fan-in sparse models.
 
-``ops`` (the condensed representation and its pure-XLA product; a leaf module), ``dispatch`` (FFI or XLA),
-``export`` (structured / condensed exports of a params tree), ``modules`` (linen modules), ``condense``
-(:func:`condense`: a whole unchanged model, per-layer kernel choice), ``kernels`` (the per-layer kernels).
+``ops`` (the condensed representation and its pure-XLA product; a leaf module), ``dispatch`` (C++ FFI kernel
+or XLA), ``layers`` (which leaves are layers: the one place that decides), ``export`` (structured / condensed
+exports of a params tree), ``modules`` (linen modules for exported params), ``kernels`` (the per-layer kernels
+and their registry), ``condense`` (:func:`condense`: a whole unchanged linen or NNX model).
 """
 
 from srigl_jax.inference.condense import CondensedLayer, CondensedModel, LayerChoice, Timing, condense, layer_call

@@ -608,7 +608,7 @@ def _nested(flat: Sequence[tuple[str, Any]]) -> Params:
 def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
              apply_kwargs: Mapping[str, Any] | None = None, batch_size: int | None = None,
              kernels: Mapping[str, str] | None = None, timing: Timing = Timing(), check_model: bool = True,
-             ) -> Any:
+             ) -> CondensedModel | nnx.Module:
     """Run a trained constant fan-in model fast: every sparse layer by the kernel that is fastest for it.
 
     Linen: ``condense(model, variables, masks, example=x, apply_kwargs={"train": False})`` returns a
@@ -624,7 +624,7 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
       batch_size: measure at this batch size (the leading axis of every example input is replaced).
       kernels: ``{regex: kernel name}`` (re.search on the layer path): "dense", "structured",
         "condensed_ffi", "condensed_xla", "conv_patches_ffi", "conv_patches_xla", any registered kernel, or
-        "auto". A layer the named kernel cannot run is an error.
+        "auto". A sparse layer the named kernel cannot run is an error; dense-mask layers run as they are.
       timing: repetitions, budget and the margin a kernel must beat dense by (:class:`Timing`).
       check_model: after the per-layer choice, time the whole model and fall back to dense if it is slower.
 
