@@ -1,7 +1,7 @@
 """Build of the optional C++ kernel (srigl_jax/csrc -> srigl_jax/_condensed_kernel*.so, an XLA FFI target).
 
 Metadata lives in pyproject.toml. The extension is optional: if jaxlib's FFI headers or a C++17 compiler are
-missing, or the compile fails, the install still succeeds and srigl_jax.condensed uses its pure-XLA path.
+missing, or the compile fails, the install still succeeds and srigl_jax.inference uses its pure-XLA path.
 Set SRIGL_JAX_NO_KERNEL=1 to skip the compile.
 """
 
@@ -48,7 +48,7 @@ class OptionalBuildExt(build_ext):
     @staticmethod
     def _skip(ext, reason):
         print(f"WARNING: not building optional kernel {ext.name}: {reason}. "
-              "srigl_jax.condensed will use its pure-XLA path.", file=sys.stderr)
+              "srigl_jax.inference will use its pure-XLA path.", file=sys.stderr)
 
 
 kernel = Extension(

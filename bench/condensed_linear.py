@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import sparse  # noqa: E402
 
 from srigl_jax import _ffi_kernels  # noqa: E402
-from srigl_jax.condensed import condense_kernel, condensed_linear  # noqa: E402
+from srigl_jax.inference import condense_kernel, condensed_linear  # noqa: E402
 
 N_IN, N_OUT = 3072, 768
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

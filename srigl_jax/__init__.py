@@ -17,10 +17,12 @@ from srigl_jax.algorithms import (
     Static,
     any_nonfinite,
 )
-from srigl_jax.condensed import (
+from srigl_jax.inference import (
     CondensedConv,
+    CondensedModel,
     CondensedDense,
     CondensedLinear,
+    condense,
     condensed_conv,
     condensed_linear,
     export_condensed,
@@ -50,6 +52,8 @@ __all__ = [
     "CondensedConv",
     "CondensedDense",
     "CondensedLinear",
+    "CondensedModel",
+    "condense",
     "condensed_conv",
     "condensed_linear",
     "export_condensed",

@@ -1,7 +1,7 @@
 """Loading and registration of the optional C++ condensed-product kernel (srigl_jax/csrc, XLA FFI, CPU only).
 
 The shared library ``srigl_jax/_condensed_kernel*.so`` is compiled by ``pip install`` (setup.py, optional: a
-failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.condensed then uses
+failed compile leaves it missing). Everything here degrades to "unavailable"; srigl_jax.inference then uses
 its pure-XLA path. Environment:
   SRIGL_JAX_CONDENSED_FORCE_XLA=1     never use the kernel (checked when a function is traced)
   SRIGL_JAX_CONDENSED_MAX_THREADS=n   at most n threads (default 0: as many as XLA's CPU thread pool has, i.e.
@@ -26,6 +26,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla
 
 TARGET_NAME = "srigl_condensed_matmul"
 MAX_THREADS_ENV = "SRIGL_JAX_CONDENSED_MAX_THREADS"
@@ -202,11 +204,8 @@ def _condensed_matmul(x, values, indices, bias, active, out_features):
 @_condensed_matmul.defjvp
 def _condensed_matmul_jvp(out_features, primals, tangents):
     # Differentiate through the equivalent XLA formulation (the kernel itself is forward only).
-    from srigl_jax.condensed import CondensedLinear, condensed_linear
-
     def xla(x, values, indices, bias, active):
-        layer = CondensedLinear(values, indices, bias, active, x.shape[1], out_features)
-        return condensed_linear(x, layer, backend="xla")
+        return condensed_linear_xla(x, CondensedLinear(values, indices, bias, active, x.shape[1], out_features))
 
     _, tangent_out = jax.jvp(xla, primals, tangents)
     return _condensed_matmul(*primals, out_features), tangent_out
@@ -220,11 +219,8 @@ def condensed_matmul_ffi(x, values, indices, bias, active, out_features: int):
     reason = unsupported_reason(x, values, indices)
     if reason:
         raise ValueError(f"condensed FFI kernel unavailable: {reason}")
-    from srigl_jax.condensed import CondensedLinear, condensed_linear
-
     def xla(x, values, indices, bias, active):
-        layer = CondensedLinear(values, indices, bias, active, x.shape[1], out_features)
-        return condensed_linear(x, layer, backend="xla")
+        return condensed_linear_xla(x, CondensedLinear(values, indices, bias, active, x.shape[1], out_features))
 
     def cpu(x, values, indices, bias, active):
         return _condensed_matmul(x, values, indices, bias, active, out_features)

@@ -24,3 +24,21 @@ def test_train_step_benchmark_quick(tmp_path):
         assert result[key] > 0, key
     assert "x dense" in proc.stdout and "amortised" in proc.stdout
     assert set(result["breakdown_vs_dense"]) == {"dense + masking", "dense + masking + check"}
+
+
+def test_condense_models_benchmark_quick(tmp_path):
+    """bench/condense_models.py --quick: whole (small) models through sj.condense, every row complete."""
+    out = tmp_path / "condense_models.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "bench/condense_models.py", "--quick", "--models", "mlp", "resnet18",
+                           "--batches", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert "Model name" in result["machine"]["cpu"] and "L2 cache" in result["machine"]["cpu"]
+    assert [(r["model"], r["batch"]) for r in result["rows"]] == [("mlp", 1), ("resnet18", 1)]
+    for row in result["rows"]:
+        assert row["dense_jnp_ms"] > 0 and row["condensed_ms"] > 0 and row["max_rel_err"] < 1e-4
+        assert row["choices"] and all(c["kernel"] for c in row["choices"])
+    assert result["rows"][0]["speedup_vs_dense_numpy"] > 0
+    assert "x dense jnp" in proc.stdout

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import srigl_jax as sj
 from srigl_jax import _ffi_kernels
-from srigl_jax.condensed import (
+from srigl_jax.inference import (
     FORCE_XLA_ENV,
     CondensedConv,
     CondensedDense,
@@ -190,7 +190,7 @@ def test_kernel_loads_when_first_used_inside_jit():
     """The first use is usually inside a trace: loading (and its smoke test) must still work there."""
     code = ("import jax, numpy as np\n"
             "from srigl_jax import _ffi_kernels\n"
-            "from srigl_jax.condensed import condense_kernel, condensed_linear\n"
+            "from srigl_jax.inference import condense_kernel, condensed_linear\n"
             "layer = condense_kernel(np.ones((4, 2), np.float32), np.ones((4, 2), bool))\n"
             "y = jax.jit(lambda x: condensed_linear(x, layer))(np.ones((1, 4), np.float32))\n"
             "assert np.allclose(y, 4.0)\n"
@@ -505,3 +505,24 @@ def test_batch1_bound_records_the_floor_or_why_not(tmp_path):
         assert row["bound_vs_best_dense"] == pytest.approx(row["best_dense_us"] / row["gather_floor_us"])
     else:
         assert row["gather_floor_unavailable"]
+
+
+# ---------------------------------------------------------------------------------------------- export errors
+def test_masks_lacking_a_layer_name_the_masks_tree():
+    params = {"Dense_0": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)},
+              "Dense_1": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}
+    masks = {"Dense_0": {"kernel": jnp.ones((4, 2), bool), "bias": jnp.ones(2, bool)}}
+    for export in (export_condensed, export_structured):
+        with pytest.raises(KeyError, match=r"masks tree lacks 'Dense_1/kernel'"):
+            export(params, masks)
+
+
+@pytest.mark.parametrize("mask", [np.full((4, 2), 0.5, np.float32), np.ones((4, 2), np.int32)])
+def test_non_boolean_masks_are_an_error(mask):
+    params = {"Dense_0": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+    masks = {"Dense_0": {"kernel": jnp.asarray(mask), "bias": jnp.ones(2, bool)}}
+    for export in (export_condensed, export_structured):
+        with pytest.raises(ValueError, match="masks must be boolean"):
+            export(params, masks)
+    with pytest.raises(ValueError, match="masks must be boolean"):
+        condense_kernel(np.ones((4, 2), np.float32), mask)

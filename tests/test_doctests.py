@@ -9,9 +9,9 @@ import pytest
 
 import srigl_jax
 
-# Python modules only (not the compiled kernel extension)
-MODULES = sorted(m.name for m in pkgutil.iter_modules(srigl_jax.__path__)
-                 if importlib.util.find_spec(f"srigl_jax.{m.name}").origin.endswith(".py"))
+# Python modules only (not the compiled kernel extension), subpackages (srigl_jax.inference) included
+MODULES = sorted(m.name.removeprefix("srigl_jax.") for m in pkgutil.walk_packages(srigl_jax.__path__, "srigl_jax.")
+                 if importlib.util.find_spec(m.name).origin.endswith(".py"))
 
 
 @pytest.mark.parametrize("name", MODULES)

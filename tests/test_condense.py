@@ -1,0 +1,302 @@
+"""sj.condense: whole unchanged models (linen by interception, NNX by graph surgery) equal model.apply for every
+kernel, under jit, after an Orbax round trip; the per-layer choice, its override and every error case."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import srigl_jax as sj
+from srigl_jax import _ffi_kernels
+from srigl_jax.inference import KERNELS, Timing
+from train.models import MLP, ResNet, SmallCNN, ViT, BasicBlock
+
+FAST_TIMING = Timing(reps=2, budget_s=0.05)  # the choice runs, its outcome is not asserted (shared CPUs)
+FFI = pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
+EVAL = {"train": False}
+
+
+def sparse_model(model, input_shape, sparsity=0.9, ablate=(), seed=0, **algo_kwargs):
+    """Variables with 90% SRigL constant fan-in masks (params zero outside), random BatchNorm statistics, and
+    the output neurons ``ablate`` ({path: [neurons]}) of some layers ablated (mask columns all False)."""
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((3, *input_shape)), jnp.float32)
+    variables = model.init(jax.random.key(seed), x, train=False)
+    algo = sj.SRigL(sparsity=sparsity, t_end=100, **algo_kwargs)
+    masks = algo.init_masks(variables["params"], jax.random.key(seed + 1))
+    for path, neurons in dict(ablate).items():
+        masks = _edit(masks, f"{path}/kernel", lambda m: m.at[..., jnp.asarray(neurons)].set(False))
+    params = algo.init_params(variables["params"], masks, jax.random.key(seed + 2))
+    params = jax.tree.map(lambda p: p + 0.1 if p.ndim == 1 else p, params)  # nonzero biases
+    rng = np.random.default_rng(seed + 3)
+    stats = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype),
+                         variables.get("batch_stats", {}))
+    out = {**variables, "params": params}
+    if stats:
+        out["batch_stats"] = stats
+    return out, masks, x
+
+
+def _edit(tree, path, fn):
+    head, _, rest = path.partition("/")
+    return {**tree, head: _edit(tree[head], rest, fn) if rest else fn(tree[head])}
+
+
+def assert_same(fast, model, variables, x, eager=False, **kwargs):
+    """fast equals model.apply, both jitted (the functional form, variables as arguments); eager too if asked."""
+    want = jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+    jitted = jax.jit(lambda v, x: fast.apply(v, x, **kwargs))(fast.variables, x)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(want), rtol=1e-5, atol=1e-5)
+    if eager:
+        np.testing.assert_allclose(np.asarray(fast(x, **kwargs)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def kinds(fast):
+    return {c.path: c.kernel for c in fast.choices}
+
+
+# ---------------------------------------------------------------------------------------------- equivalence
+LINEAR_KERNELS = ["structured", "condensed_xla", pytest.param("condensed_ffi", marks=FFI)]
+CONV_KERNELS = ["structured", "conv_patches_xla", pytest.param("conv_patches_ffi", marks=FFI)]
+
+
+@pytest.mark.parametrize("kernel", LINEAR_KERNELS)
+def test_mlp_every_linear_kernel_equals_apply(kernel):
+    model = MLP(hidden=(48, 24))
+    variables, masks, x = sparse_model(model, (6, 6, 1), ablate={"fc1": [0, 5, 7], "fc2": [3], "head": [2]})
+    fast = sj.condense(model, variables, masks, example=x, kernels={".": kernel})
+    assert set(kinds(fast).values()) == {kernel}
+    assert_same(fast, model, variables, x, eager=True)
+    fc1 = next(c for c in fast.choices if c.path == "fc1")
+    assert (fc1.n_active, fc1.n_out, fc1.kernel_shape, fc1.input_shapes) == (45, 48, (36, 48), ((3, 36),))
+
+
+@pytest.mark.parametrize("kernel", CONV_KERNELS)
+def test_cnn_every_conv_kernel_equals_apply(kernel):
+    model = SmallCNN(channels=(8, 12), hidden=16)
+    variables, masks, x = sparse_model(model, (10, 10, 2), ablate={"stem": [1], "conv2": [0, 4]})
+    fast = sj.condense(model, variables, masks, example=x,
+                       kernels={"stem|conv": kernel, "fc|head": "condensed_xla"})
+    assert kinds(fast)["conv2"] == kernel
+    assert_same(fast, model, variables, x)
+
+
+def test_resnet18_batchnorm_eval_equals_apply():
+    model = ResNet(stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=4)
+    variables, masks, x = sparse_model(model, (16, 16, 3), ablate={"stage1_0/conv1": [2], "stage3_1/conv2": [0]})
+    # every sparse layer condensed (no measurement): all the replaced calls, strides and paddings
+    fast = sj.condense(model, variables, masks, example=x, apply_kwargs=EVAL,
+                       kernels={"stem|conv|shortcut": "conv_patches_xla", "head": "condensed_xla"})
+    assert len(fast.choices) == 21  # stem + 16 block convs + 3 shortcuts + head
+    assert all(c.kernel != "dense" for c in fast.choices if c.reason != "dense mask")  # ERK: some dense
+    assert {c.kernel for c in fast.choices} == {"conv_patches_xla", "condensed_xla", "dense"}
+    assert_same(fast, model, variables, x, **EVAL)
+
+
+def test_measured_choice_on_a_small_resnet():
+    model = ResNet(stage_sizes=(1, 1), block=BasicBlock, width=4)
+    variables, masks, x = sparse_model(model, (8, 8, 3), ablate={"stage1_0/conv1": [2]})
+    fast = sj.condense(model, variables, masks, example=x, apply_kwargs=EVAL, timing=FAST_TIMING)
+    measured = [c for c in fast.choices if c.times_us]
+    assert measured and all("dense" in dict(c.times_us) for c in measured)
+    conv1 = dict(next(c for c in fast.choices if c.path == "stage1_0/conv1").times_us)
+    assert {"dense", "structured", "conv_patches_xla"} <= set(conv1)  # every kernel that applies was timed
+    assert all(c.kernel in KERNELS for c in fast.choices)
+    assert_same(fast, model, variables, x, **EVAL)
+
+
+def test_small_vit_equals_apply():
+    model = ViT(patch=4, dim=16, depth=2, num_heads=2, mlp_dim=32, num_classes=5)
+    variables, masks, x = sparse_model(model, (8, 8, 3), ablate={"block0/mlp_fc1": [1, 2]},
+                                       distribution="uniform_sparse")  # the paper's ViT setting
+    fast = sj.condense(model, variables, masks, example=x,
+                       kernels={"mlp_fc|attn/out|head": "condensed_xla", "patch_embed": "conv_patches_xla"})
+    chosen = kinds(fast)
+    assert chosen["block0/attn/query"] == "dense"  # attention in-projections stay dense (the default plan)
+    assert chosen["block1/mlp_fc2"] == "condensed_xla" and chosen["patch_embed"] == "conv_patches_xla"
+    assert_same(fast, model, variables, x)
+
+
+def test_jit_of_the_object_and_pytree_argument():
+    model = MLP(hidden=(32,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    fast = sj.condense(model, variables, masks, example=x, kernels={".": "condensed_xla"})
+    want = model.apply(variables, x)
+    np.testing.assert_allclose(jax.jit(fast)(x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda f, x: f(x))(fast, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_orbax_round_trip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    model = SmallCNN(channels=(4, 8), hidden=8)
+    variables, masks, x = sparse_model(model, (8, 8, 1), ablate={"fc1": [0]})
+    fast = sj.condense(model, variables, masks, example=x,
+                       kernels={"stem|conv": "conv_patches_xla", "fc1": "structured", "head": "condensed_xla"})
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "fast", fast.variables)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "fast", jax.tree.map(ocp.utils.to_shape_dtype_struct, fast.variables))
+    again = fast.with_variables(restored)
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(fast(x)))
+    assert_same(again, model, variables, x)
+
+
+def test_dense_general_over_trailing_axes():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(6, axis=(-2, -1), name="proj")(x)
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 5)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    mask = np.zeros((4, 5, 6), bool)
+    mask.reshape(20, 6)[:3] = True  # constant fan-in 3 over the flattened (4, 5) inputs
+    masks = {"proj": {"kernel": jnp.asarray(mask), "bias": jnp.ones(6, bool)}}
+    variables = {"params": {"proj": {"kernel": variables["params"]["proj"]["kernel"] * mask,
+                                     "bias": variables["params"]["proj"]["bias"] + 0.5}}}
+    fast = sj.condense(model, variables, masks, example=x, kernels={".": "condensed_xla"})
+    assert_same(fast, model, variables, x)
+
+
+# ---------------------------------------------------------------------------------------------- choice
+def test_override_and_choice_table():
+    model = MLP(hidden=(32, 16))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    fast = sj.condense(model, variables, masks, example=x, kernels={"fc1": "dense", "fc2|head": "auto"},
+                       timing=FAST_TIMING, check_model=False)
+    fc1 = next(c for c in fast.choices if c.path == "fc1")
+    assert (fc1.kernel, fc1.reason) == ("dense", "kernels= override")
+    assert "fc1" in fast.variables["model"]["params"] and "fc1" not in fast.variables["layers"]
+    assert all(c.times_us for c in fast.choices if c.path != "fc1")
+    table = fast.table()
+    assert "fc1" in table and "kernels= override" in table
+    assert_same(fast, model, variables, x)
+
+
+def test_dense_and_non_constant_fan_in_layers_run_as_they_are():
+    model = MLP(hidden=(16,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    rigl = sj.RigL(sparsity=0.8, t_end=10).init_masks(variables["params"], jax.random.key(5))  # varying fan-in
+    masks = {**masks, "fc1": rigl["fc1"], "head": jax.tree.map(jnp.ones_like, masks["head"])}
+    params = {**variables["params"], "fc1": {**variables["params"]["fc1"],
+                                              "kernel": variables["params"]["fc1"]["kernel"] * rigl["fc1"]["kernel"]}}
+    variables = {**variables, "params": params}
+    fast = sj.condense(model, variables, masks, example=x, timing=FAST_TIMING)
+    reasons = {c.path: (c.kernel, c.reason) for c in fast.choices}
+    assert reasons == {"fc1": ("dense", "not constant fan-in"), "head": ("dense", "dense mask")}
+    assert_same(fast, model, variables, x)
+
+
+def test_weights_outside_the_mask_keep_the_layer_dense():
+    model = MLP(hidden=(16,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    variables = _edit(variables, "params/fc1/kernel", lambda k: k + 1.0)
+    fast = sj.condense(model, variables, masks, example=x, kernels={"head": "condensed_xla"})
+    assert {c.path: c.reason for c in fast.choices}["fc1"] == "nonzero weights outside the mask"
+    assert_same(fast, model, variables, x)
+
+
+def test_without_example_a_fixed_rule():
+    model = SmallCNN(channels=(4, 8), hidden=8)
+    variables, masks, x = sparse_model(model, (8, 8, 1), ablate={"conv2": [1]})
+    fast = sj.condense(model, variables, masks)
+    chosen = kinds(fast)
+    assert chosen["conv2"] == "structured" and chosen["stem"] == "dense"
+    assert chosen["fc1"] == ("condensed_ffi" if _ffi_kernels.available() else "dense")
+    assert all("fixed rule" in c.reason for c in fast.choices)
+    assert_same(fast, model, variables, x)
+
+
+def test_batch_size_sets_the_measured_shape():
+    model = MLP(hidden=(16,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    fast = sj.condense(model, variables, masks, example=jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.float32),
+                       batch_size=7, timing=FAST_TIMING, check_model=False)
+    assert [c.input_shapes for c in fast.choices] == [((7, 16),), ((7, 16),)]  # fc1: 4*4*1 inputs; head: 16
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_masks_tree_lacking_a_layer_names_the_tree_and_path():
+    model = MLP(hidden=(16,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    del masks["head"]
+    with pytest.raises(KeyError, match=r"masks tree lacks 'head/kernel'"):
+        sj.condense(model, variables, masks, example=x)
+
+
+def test_float_masks_are_an_error():
+    model = MLP(hidden=(16,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    masks = jax.tree.map(lambda m: m.astype(jnp.float32) * 0.5, masks)
+    with pytest.raises(ValueError, match="masks must be boolean"):
+        sj.condense(model, variables, masks, example=x)
+
+
+def test_model_layer_that_cannot_be_matched_to_its_mask():
+    class Stacked(nn.Module):  # a vmapped Dense: the params hold (2, in, out), the module sees (in, out)
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
+                            out_axes=0, axis_size=2)
+            return dense(4, name="stack")(x)
+
+    model = Stacked()
+    x = jnp.ones((3, 8))
+    variables = model.init(jax.random.key(0), x)
+    mask = np.zeros((2, 8, 4), bool)
+    mask[:, :2] = True
+    masks = {"stack": {"kernel": jnp.asarray(mask), "bias": jnp.ones((2, 4), bool)}}
+    variables = _edit(variables, "params/stack/kernel", lambda k: k * mask)
+    with pytest.raises(ValueError, match=r"'stack'.*cannot be matched to its mask.*kernels=\{'stack': 'dense'\}"):
+        sj.condense(model, variables, masks, example=x)
+    fast = sj.condense(model, variables, masks, example=x, kernels={"stack": "dense"})
+    assert_same(fast, model, variables, x)
+
+
+def test_bad_overrides_are_errors():
+    model = MLP(hidden=(16,))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    with pytest.raises(ValueError, match="unknown kernel 'fastest'"):
+        sj.condense(model, variables, masks, example=x, kernels={".": "fastest"})
+    with pytest.raises(ValueError, match="'fc1' cannot run 'structured': no ablated neurons"):
+        sj.condense(model, variables, masks, example=x, kernels={"fc1": "structured"})
+    with pytest.raises(ValueError, match="'fc1' cannot run 'conv_patches_xla'"):
+        sj.condense(model, variables, masks, example=x, kernels={"fc1": "conv_patches_xla"})
+    with pytest.raises(ValueError, match="matched by regexes naming different kernels"):
+        sj.condense(model, variables, masks, example=x, kernels={"fc": "dense", "1": "condensed_xla"})
+
+
+# ---------------------------------------------------------------------------------------------- NNX
+class NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding=1, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(8 * 4 * 4, 24, rngs=rngs), nnx.Linear(24, 5, rngs=rngs)])
+
+    def __call__(self, x):
+        x = nnx.relu(self.conv(x)).reshape(x.shape[0], -1)
+        return self.layers[1](nnx.relu(self.layers[0](x)))
+
+
+@pytest.mark.parametrize("override", [None, {"conv": "conv_patches_xla", "layers": "condensed_xla"}])
+def test_nnx_graph_surgery_equals_the_module(override):
+    module = NNXNet(nnx.Rngs(0))
+    algo = sj.SRigL(sparsity=0.9, t_end=10, ablation_exempt=(r"layers/1/kernel",))
+    params = nnx.state(module, nnx.Param)
+    masks = algo.init_masks(params, jax.random.key(1))
+    nnx.update(module, algo.init_params(params, masks, jax.random.key(2)))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+    fast = sj.condense(module, masks, kernels=override)
+    np.testing.assert_allclose(np.asarray(fast(x)), np.asarray(module(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(fast, x)), np.asarray(module(x)),
+                               rtol=1e-5, atol=1e-5)
+    assert isinstance(module.layers[0], nnx.Linear)  # the original is unchanged
+    chosen = {c.path: c.kernel for c in fast.condense_choices}
+    if override:
+        assert chosen == {"conv": "conv_patches_xla", "layers/0": "condensed_xla", "layers/1": "condensed_xla"}
+    replaced = [c.path for c in fast.condense_choices if c.kernel != "dense"]
+    assert all(isinstance(fast.layers[int(p[-1])] if p.startswith("layers") else fast.conv, sj.inference.CondensedLayer)
+               for p in replaced)
