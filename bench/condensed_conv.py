@@ -1,5 +1,5 @@
 """Condensed convolution benchmark, CPU: the patch-free FFI kernel (srigl_jax._ffi_conv) against dense ``lax.conv``
-and against the old path (``condensed.condensed_conv``: extract_patches, then the condensed-product kernel).
+and against the old path (extract_patches, then the condensed-product kernel).
 
 Layers, fp32, NHWC, constant fan-in masks at 90% sparsity (k = 10% of kh*kw*C_in per output channel), batch 1 / 64 /
 256: the layer of issue 12 (3x3, 32->64 on 16x16) and the ResNet-18 CIFAR conv shapes (3x3 stride 1 at 32x32 64ch,
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from _machine import cpu_report  # noqa: E402
 
 from srigl_jax import _ffi_conv, _ffi_kernels  # noqa: E402
-from srigl_jax.condensed import condense_kernel, condensed_conv  # noqa: E402
+from srigl_jax.inference import condense_kernel, condensed_linear, extract_patches  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -72,7 +72,7 @@ def build_variants(x_np, kernel, bias, layer, stride: int, max_patch_mb: float, 
     patch_mb = x_np.shape[0] * out_hw[0] * out_hw[1] * layer.in_features * 4 / 2**20
     skipped = {}
     if patch_mb <= max_patch_mb:
-        old = jax.jit(lambda x, layer: condensed_conv(x, layer, window, (stride, stride), "SAME"))
+        old = jax.jit(lambda x, layer: condensed_linear(extract_patches(x, window, (stride, stride), "SAME"), layer))
         variants["patches"] = lambda: old(x, layer).block_until_ready()
     else:
         skipped["patches"] = f"patch tensor {patch_mb:.0f} MB > --max-patch-mb {max_patch_mb:.0f}"

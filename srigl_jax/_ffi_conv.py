@@ -1,7 +1,7 @@
 """Condensed 2-D convolution without patches: the C++ kernel ``srigl_condensed_conv2d`` (CPU, XLA FFI) and its
 portable XLA counterpart.
 
-A condensed conv layer is a :class:`~srigl_jax.condensed.CondensedLinear` over the flattened Flax HWIO kernel
+A condensed conv layer is a :class:`~srigl_jax.inference.ops.CondensedLinear` over the flattened Flax HWIO kernel
 (kh*kw*C_in -> C_out): flat index ``i`` of a neuron's tap addresses ``dy = i // (kw*C_in)``,
 ``dx = (i // C_in) % kw``, ``c = i % C_in``. :func:`condensed_conv2d` gathers those taps straight from the NHWC
 input inside the kernel (implicit im2col: no (N, H', W', kh*kw*C_in) patch tensor; layout and loop order in
@@ -9,7 +9,7 @@ srigl_jax/csrc/condensed_conv.h). The kernel lives in the same shared library as
 follows its settings (srigl_jax._ffi_kernels: SRIGL_JAX_CONDENSED_MAX_THREADS, _MIN_THREAD_WORK, _ISA).
 
 >>> import numpy as np
->>> from srigl_jax.condensed import condense_kernel
+>>> from srigl_jax.inference import condense_kernel
 >>> kernel = np.zeros((3, 3, 2, 1), np.float32); kernel[1, 1, 0, 0] = 2.0  # centre tap of channel 0
 >>> layer = condense_kernel(kernel.reshape(18, 1), kernel.reshape(18, 1) != 0)
 >>> x = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from srigl_jax import _ffi_kernels
-from srigl_jax.condensed import FORCE_XLA_ENV, CondensedLinear, condensed_linear, extract_patches
+from srigl_jax._ffi_kernels import FORCE_XLA_ENV
+from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla, extract_patches
 
 CONV_TARGET_NAME = "srigl_condensed_conv2d"
 Padding = Union[str, Sequence[tuple[int, int]]]
@@ -139,7 +140,7 @@ def _patches_conv_xla(x, layer: CondensedLinear, window, strides, pads: Pads):
     """Patches of the explicitly padded input, then the condensed product (for inputs too large for int32
     offsets)."""
     xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
-    return condensed_linear(extract_patches(xp, window, strides, "VALID"), layer, backend="xla")
+    return condensed_linear_xla(extract_patches(xp, window, strides, "VALID"), layer)
 
 
 # ---------------------------------------------------------------------------------------------------- FFI

@@ -30,6 +30,7 @@ import numpy as np
 from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla
 
 TARGET_NAME = "srigl_condensed_matmul"
+FORCE_XLA_ENV = "SRIGL_JAX_CONDENSED_FORCE_XLA"
 MAX_THREADS_ENV = "SRIGL_JAX_CONDENSED_MAX_THREADS"
 MIN_THREAD_WORK_ENV = "SRIGL_JAX_CONDENSED_MIN_THREAD_WORK"
 DEFAULT_MIN_THREAD_WORK = 1 << 18

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from srigl_jax import _ffi_conv, _ffi_kernels
-from srigl_jax.condensed import FORCE_XLA_ENV, condense_kernel
+from srigl_jax.inference import FORCE_XLA_ENV, condense_kernel
 from tests.test_condensed import REPO, random_constant_fan_in
 
 KERNEL = pytest.mark.skipif(not _ffi_conv.available(), reason=f"conv kernel unavailable: {_ffi_conv._load()['reason']}")

@@ -11,11 +11,11 @@ from typing import Sequence
 
 import jax
 
-from srigl_jax import _ffi_kernels
-from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla, extract_patches
+from srigl_jax import _ffi_conv, _ffi_kernels
+from srigl_jax._ffi_kernels import FORCE_XLA_ENV
+from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla
 
 Array = jax.Array
-FORCE_XLA_ENV = "SRIGL_JAX_CONDENSED_FORCE_XLA"
 BACKENDS = ("auto", "xla", "ffi")
 
 
@@ -48,8 +48,9 @@ def condensed_linear(x: Array, layer: CondensedLinear, *, backend: str = "auto")
 
 def condensed_conv(x: Array, layer: CondensedLinear, window: tuple[int, int], strides: tuple[int, int] = (1, 1),
                    padding: str | Sequence[tuple[int, int]] = "SAME", *, backend: str = "auto") -> Array:
-    """A 2-D NHWC convolution with a condensed (kh*kw*in -> out) kernel: patches, then condensed_linear.
+    """A 2-D NHWC convolution with a condensed (kh*kw*in -> out) kernel, without patches
+    (:func:`srigl_jax._ffi_conv.condensed_conv2d`: the C++ implicit-im2col kernel on CPU, else XLA).
 
     ``padding``: 'SAME', 'VALID' or one (low, high) pair per spatial axis.
     """
-    return condensed_linear(extract_patches(x, window, strides, padding), layer, backend=backend)
+    return _ffi_conv.condensed_conv2d(x, layer, window, strides, padding, backend=backend)

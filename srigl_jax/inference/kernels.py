@@ -12,6 +12,8 @@ condensed_ffi       linear  the C++ condensed product (CPU, float32; :mod:`srigl
 condensed_xla       linear  the pure-XLA condensed product
 conv_patches_ffi    conv    patches (im2col) then the C++ condensed product
 conv_patches_xla    conv    patches then the pure-XLA condensed product
+conv_direct_ffi     conv    the C++ implicit-im2col conv kernel: no patches (:mod:`srigl_jax._ffi_conv`)
+conv_direct_xla     conv    tap by tap gathers of the channel-major input, no patches (XLA)
 ==================  ======  ==========================================================================
 
 Another formulation (e.g. an implicit-im2col conv kernel) plugs in with :func:`register_kernel`; ``condense``
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax import _ffi_kernels
+from srigl_jax import _ffi_conv, _ffi_kernels
 from srigl_jax.inference.dispatch import condensed_linear
 from srigl_jax.inference.export import condense_kernel, condensed_variables
 from srigl_jax.inference.layers import as_matrix
@@ -197,6 +199,32 @@ def _condensed_apply(backend: str):
     return apply
 
 
+def _direct_conv_unsupported(backend: str):
+    patches = _condensed_unsupported(CONV, "xla")
+
+    def unsupported(call, stats, x_dtype):
+        why = patches(call, stats, x_dtype)
+        if why or backend == "xla":
+            return why
+        if not _ffi_conv.available():
+            return "the C++ conv kernel is not available"
+        if jnp.dtype(x_dtype) != jnp.float32:
+            return f"the C++ kernel is float32 only (input {jnp.dtype(x_dtype)})"
+        return ""
+    return unsupported
+
+
+def _direct_conv_apply(backend: str):
+    conv = _ffi_conv.condensed_conv2d_ffi if backend == "ffi" else _ffi_conv.condensed_conv2d_xla
+
+    def apply(v, x, call):
+        x4, batch = _nhwc(x, call)
+        pads = conv_padding_pairs(x4.shape[1:3], call.window, call.strides, call.padding)
+        y = conv(x4, _layer(v, math.prod(call.window) * x4.shape[-1]), call.window, call.strides, pads)
+        return y.reshape(*batch, *y.shape[1:])
+    return apply
+
+
 DENSE = register_kernel(Kernel("dense", _always, _prepare_dense, _apply_dense))
 register_kernel(Kernel("structured", _structured_unsupported, _prepare_structured, _apply_structured))
 for _backend in ("ffi", "xla"):
@@ -204,6 +232,8 @@ for _backend in ("ffi", "xla"):
                            _condensed_apply(_backend)))
     register_kernel(Kernel(f"conv_patches_{_backend}", _condensed_unsupported(CONV, _backend), _prepare_condensed,
                            _condensed_apply(_backend)))
+    register_kernel(Kernel(f"conv_direct_{_backend}", _direct_conv_unsupported(_backend), _prepare_condensed,
+                           _direct_conv_apply(_backend)))
 
 # Kernels defined in other modules register themselves when imported (``register_kernel(Kernel(...))``); import
-# such a module here so that ``condense`` always measures it (e.g. an implicit-im2col conv kernel).
+# such a module here so that ``condense`` always measures it.
