@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import srigl_jax as sj  # noqa: E402
-from _machine import cpu_report  # noqa: E402
+from _machine import cpu_report, interleaved_times  # noqa: E402
 from srigl_jax import _ffi_kernels  # noqa: E402
 from srigl_jax.inference import Timing  # noqa: E402
 
@@ -101,13 +101,7 @@ def numpy_mlp(params):
 def interleaved(fns: dict, reps: int) -> dict[str, np.ndarray]:
     for fn in fns.values():  # compile and warm up (once: a ViT-B/16 forward at batch 256 takes minutes here)
         fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: np.asarray(t) for name, t in times.items()}
+    return {name: np.asarray(t) for name, t in interleaved_times(fns, reps).items()}
 
 
 def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing) -> dict:

@@ -38,9 +38,9 @@ import srigl_jax as sj
 from srigl_jax import layer_updates, selection
 
 try:
-    from _machine import cpu_report  # run as a script: bench/ is on sys.path
+    from _machine import cpu_report, interleaved_times  # run as a script: bench/ is on sys.path
 except ImportError:
-    from bench._machine import cpu_report
+    from bench._machine import cpu_report, interleaved_times
 
 
 def mlp_params(key, sizes):
@@ -75,14 +75,8 @@ def median_seconds(fn, reps):
 
 
 def interleaved_medians(fns: dict, reps: int) -> dict:
-    """Alternate the candidates rep by rep so drifts in machine load hit all of them alike."""
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds of each candidate, timed interleaved (``interleaved_times``)."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, reps).items()}
 
 
 def selection_at(revision: str) -> types.ModuleType:

@@ -140,7 +140,9 @@ def _patches_conv_xla(x, layer: CondensedLinear, window, strides, pads: Pads):
     """Patches of the explicitly padded input, then the condensed product (for inputs too large for int32
     offsets)."""
     xp = jnp.pad(x, [(0, 0), pads[0], pads[1], (0, 0)])
-    return condensed_linear_xla(extract_patches(xp, window, strides, "VALID"), layer)
+    patches = extract_patches(xp, window, strides, "VALID")
+    y = condensed_linear_xla(patches.reshape(-1, patches.shape[-1]), layer)   # the product takes (rows, in)
+    return y.reshape(*patches.shape[:-1], y.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------- FFI

@@ -42,3 +42,15 @@ def test_condense_models_benchmark_quick(tmp_path):
         assert row["choices"] and all(c["kernel"] for c in row["choices"])
     assert result["rows"][0]["speedup_vs_dense_numpy"] > 0
     assert "x dense jnp" in proc.stdout
+
+
+def test_compile_update_benchmark_quick(tmp_path):
+    """bench/compile_update.py runs (small CNN): compile times of update_masks, batched vs one layer at a time,
+    and a bit-identity check of the two."""
+    out = tmp_path / "compile_update.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "bench/compile_update.py", "--quick", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["bit_identical"] and model["update_compile_s"] > 0 and model["grad_step_compile_s"] > 0
