@@ -1,6 +1,7 @@
 """Shared test settings: small hypothesis budgets so the suite fits CI's 2-core box, and JAX's on-disk
 compilation cache for the subprocesses some tests start (multi-device runs, notebooks, benchmarks)."""
 
+import gc
 import os
 import shutil
 import tempfile
@@ -40,6 +41,16 @@ def compile_cache():
     # settings (device count, gloo collectives) that the cache key may not capture: that aborted full runs.
     with persistent_compile_cache(Path(os.environ["JAX_COMPILATION_CACHE_DIR"]) / "pytest-process") as path:
         yield path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_code():
+    """Drop every compiled executable and trace cache after each test module: one process runs the whole suite
+    (hundreds of compilations, up to ResNet-sized ones) and JAX keeps them all; late in full runs XLA crashed
+    (segfaults while compiling) in the grown process. Modules share nothing compiled, so this costs nothing."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_sessionfinish(session, exitstatus):

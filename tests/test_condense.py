@@ -84,6 +84,7 @@ def test_cnn_every_conv_kernel_equals_apply(kernel):
     assert_same(fast, model, variables, x)
 
 
+@pytest.mark.slow   # CI: the small ResNet below covers BatchNorm eval and residual adds
 def test_resnet18_batchnorm_eval_equals_apply():
     model = ResNet(stage_sizes=(2, 2, 2, 2), block=BasicBlock, width=4)
     variables, masks, x = sparse_model(model, (16, 16, 3), ablate={"stage1_0/conv1": [2], "stage3_1/conv2": [0]})

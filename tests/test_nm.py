@@ -32,7 +32,7 @@ def test_block_view_round_trips(n_blocks, neurons, m):
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), pytest.param(1, 8, marks=pytest.mark.slow)])
-@settings(max_examples=5)   # every example compiles its own shapes
+@settings(max_examples=3)   # every example compiles its own shapes
 @given(n_blocks=st.integers(1, 4), neurons=st.integers(3, 8), seed=st.integers(0, 1000),
        gamma=st.sampled_from([None, 0.3, 0.9]))
 def test_exactly_n_per_block_per_active_neuron(n, m, n_blocks, neurons, seed, gamma):
