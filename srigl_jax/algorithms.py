@@ -280,14 +280,14 @@ class DynamicSparsity:
 
     def _update_group(self, group: _Group, ws, g_leaves, ms, drop_frac, key) -> list[jax.Array]:
         """New masks of every member leaf of ``group``: one compiled per-slice update, mapped over all slices
-        (``lax.map``: per-slice branches stay real branches, so N stacked layers cost what N unrolled do)."""
+        (``lax.map`` rather than ``vmap``: per-slice ``lax.cond`` branches stay real branches instead of both
+        running; the slices still run one after another, see bench/train_step.py for the cost vs unrolled)."""
         plan = group.plan
 
         def one_slice(w, g, m, index):
             return self._rule.update_mask(LayerView(w, g, m, drop_frac), plan, jax.random.fold_in(key, index))
 
-        views = [(lay.to_slices(ws[i]), lay.to_slices(g_leaves[i]), lay.to_slices(ms[i]))
-                 for i, member_plan, _ in group.members for lay in (member_plan.layout,)]
+        views = [tuple(p.layout.to_slices(x[i]) for x in (ws, g_leaves, ms)) for i, p, _ in group.members]
         indices = [jnp.arange(first, first + p.n_slices, dtype=jnp.int32) for _, p, first in group.members]
         if len(views) == 1 and views[0][0].shape[0] == 1:   # a single layer: no mapping
             new = one_slice(views[0][0][0], views[0][1][0], views[0][2][0], indices[0][0])[None]

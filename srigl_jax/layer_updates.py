@@ -66,6 +66,28 @@ def srigl_active_neurons(
     return counts >= jnp.minimum(theta, floor_theta), keep_by_w
 
 
+def srigl_survivors_and_keep(
+    w_score: jax.Array,
+    g_score: jax.Array,
+    mask: jax.Array,
+    drop_frac: jax.Array,
+    plan: LayerPlan,
+    gamma_sal: float | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Spec steps 1-5 and the global magnitude drop of step 7: the surviving neurons (all of them without
+    ablation: ``gamma_sal=None`` or a non-ablatable layer) and the kept weights, the n_keep largest |w| among the
+    active weights of survivors. Shared by SRigL and N:M."""
+    n_prune, n_keep = prune_counts(mask, drop_frac)
+    if gamma_sal is None or not plan.ablatable:
+        return jnp.ones(mask.shape[1], bool), top_n_mask(w_score, mask, n_keep)
+    active, keep_by_w = srigl_active_neurons(
+        w_score, g_score, mask, n_prune, n_keep, salience_threshold(gamma_sal, plan.k0), plan.min_active)
+    # the salience pass already selected the drop's keep unless some neuron was ablated
+    keep = lax.cond(jnp.all(active), lambda: keep_by_w,
+                    lambda: top_n_mask(w_score, mask & active[None, :], n_keep))
+    return active, keep
+
+
 def srigl_layer_mask(
     w_score: jax.Array,
     g_score: jax.Array,
@@ -79,26 +101,10 @@ def srigl_layer_mask(
 
     ``gamma_sal=None`` (or a non-ablatable layer) disables ablation: k' = k0 for every neuron.
     """
-    ablate = gamma_sal is not None and plan.ablatable
-    n_prune, n_keep = prune_counts(mask, drop_frac)
-    if ablate:
-        active, keep_by_w = srigl_active_neurons(
-            w_score, g_score, mask, n_prune, n_keep,
-            salience_threshold(gamma_sal, plan.k0), plan.min_active,
-        )
-    else:
-        active, keep_by_w = jnp.ones(mask.shape[1], bool), None
+    active, keep = srigl_survivors_and_keep(w_score, g_score, mask, drop_frac, plan, gamma_sal)
     k_new = plan.nnz_budget // jnp.sum(active, dtype=jnp.int32)
-    # Step 7: global magnitude drop among surviving neurons, then cap each neuron at k' (only needed
-    # when k' shrank, e.g. after neurons were revived, so the per-row pass is skipped otherwise).
-    if keep_by_w is None:
-        keep = top_n_mask(w_score, mask, n_keep)
-    else:  # the salience pass already selected it unless some neuron was ablated
-        keep = lax.cond(
-            jnp.all(active),
-            lambda: keep_by_w,
-            lambda: top_n_mask(w_score, mask & active[None, :], n_keep),
-        )
+    # Step 7 continued: cap each neuron at k' (only needed when k' shrank, e.g. after neurons were revived, so
+    # the per-row pass is skipped otherwise).
     kept_per_neuron = jnp.sum(keep, axis=0, dtype=jnp.int32)
     keep = lax.cond(
         jnp.any(kept_per_neuron > k_new),

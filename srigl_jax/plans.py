@@ -134,15 +134,19 @@ def sparse_candidates(
         )
     candidates.sort(key=lambda c: natural_key(c[0]))
     forced_dense = {p for p, _ in candidates if matches_any(p, dense_paths)}
+    return candidates, forced_dense | _first_layers_kept_dense(candidates, dense_first_layer, layouts)
+
+
+def _first_layers_kept_dense(candidates: list[tuple[str, tuple[int, ...]]], dense_first_layer: bool | str,
+                             layouts: Mapping[str, Layout] | None) -> set[str]:
+    """The candidates ``dense_first_layer`` keeps dense (a regex that must match, or True: :func:`first_layer`)."""
     if isinstance(dense_first_layer, str):
         chosen = {p for p, _ in candidates if re.search(dense_first_layer, p)}
         if not chosen:
             raise ValueError(f"dense_first_layer={dense_first_layer!r} matches no sparse candidate; candidates: "
                              f"{[p for p, _ in candidates]}")
-        forced_dense |= chosen
-    elif dense_first_layer:
-        forced_dense.add(first_layer(candidates, layouts))
-    return candidates, forced_dense
+        return chosen
+    return {first_layer(candidates, layouts)} if dense_first_layer else set()
 
 
 def _module_depths(candidates: list[tuple[str, tuple[int, ...]]]) -> list[int]:
@@ -305,9 +309,7 @@ def build_plans(
     candidates, forced_dense = sparse_candidates(params, sparse_pattern=sparse_pattern, dense_paths=dense_paths)
     shapes = dict(candidates)
     layouts = infer_layouts(shapes, stack_axes=stack_axes, neuron_axes=neuron_axes, lenient=forced_dense)
-    if dense_first_layer is True or isinstance(dense_first_layer, str):
-        _, forced_dense = sparse_candidates(params, sparse_pattern=sparse_pattern, dense_paths=dense_paths,
-                                            dense_first_layer=dense_first_layer, layouts=layouts)
+    forced_dense = forced_dense | _first_layers_kept_dense(candidates, dense_first_layer, layouts)
     fan_in_k: dict[str, int] = {}
     if isinstance(sparsity, Mapping):
         sparsity = dict(sparsity)

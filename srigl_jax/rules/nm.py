@@ -13,11 +13,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from srigl_jax import layer_updates as lu
 from srigl_jax.rules.base import LayerView, scores
-from srigl_jax.selection import column_top_count_mask, top_n_mask
+from srigl_jax.selection import column_top_count_mask
 
 
 def to_blocks(x: jax.Array, m: int) -> jax.Array:
@@ -49,16 +48,8 @@ class NMRule:
 
     def update_mask(self, layer: LayerView, plan, key):
         w_score, g_score = scores(layer, key, self.random_tie_break)
-        mask = layer.mask
-        n_prune, n_keep = lu.prune_counts(mask, layer.drop_fraction)
-        if self.gamma_sal is not None and plan.ablatable:
-            active, keep_by_w = lu.srigl_active_neurons(
-                w_score, g_score, mask, n_prune, n_keep, lu.salience_threshold(self.gamma_sal, plan.k0),
-                plan.min_active)
-            keep = lax.cond(jnp.all(active), lambda: keep_by_w,
-                            lambda: top_n_mask(w_score, mask & active[None, :], n_keep))
-        else:
-            active, keep = jnp.ones(mask.shape[1], bool), top_n_mask(w_score, mask, n_keep)
+        active, keep = lu.srigl_survivors_and_keep(w_score, g_score, layer.mask, layer.drop_fraction, plan,
+                                                   self.gamma_sal)
         # Every (block, neuron) of a surviving neuron regrows its largest-|grad| free positions up to N.
         keep_b = to_blocks(keep, self.m)
         alive = jnp.tile(active, plan.fan_in // self.m)   # column b * n_neurons + j is neuron j
