@@ -72,6 +72,9 @@ def _split(line: str, rows) -> list[str]:
     return cells
 
 
+_KEEP = object()  # not a string: argparse converts string defaults through `type`, which would refuse "keep"
+
+
 def _gamma(text: str):
     try:
         return parse_field("gamma_sal", text)
@@ -86,13 +89,13 @@ def main(argv=None) -> int:
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.9, 0.95, 0.99])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--gamma-sal", type=_gamma, default="keep",
+    p.add_argument("--gamma-sal", type=_gamma, default=_KEEP,
                    help="override gamma_sal (SRigL ablation threshold; none: no ablation; default: the config's)")
     p.add_argument("--out", default="runs/sweep")
     args = p.parse_args(argv)
     out = Path(args.out)
     overrides = {} if args.steps is None else {"steps": args.steps}
-    if args.gamma_sal != "keep":
+    if args.gamma_sal is not _KEEP:
         overrides["gamma_sal"] = args.gamma_sal
     from train.testing import persistent_compile_cache
     with persistent_compile_cache(out / "jax_cache"):  # seeds of one setting share the compiled step
