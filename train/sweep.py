@@ -17,31 +17,45 @@ from train.configs import METHODS, ConfigError, get_config, parse_field
 from train.report import format_table
 
 
+def run_dir(out: Path, method: str, sparsity: float, seed: int) -> Path:
+    """The workdir of one grid cell (dense runs have sparsity 0)."""
+    return out / f"{method}-{sparsity:g}-s{seed}"
+
+
+def _cells(methods, sparsities, seeds):
+    for method in methods:
+        for sparsity in ([0.0] if method == "dense" else sparsities):
+            for seed in seeds:
+                yield method, sparsity, seed
+
+
 def run_grid(config: str, methods: list[str], sparsities: list[float], seeds: list[int], out: Path,
              **overrides) -> list[dict]:
     """Train every (method, sparsity, seed) not yet done under ``out``; return all summaries."""
     from train.loop import train
 
-    summaries = []
-    for method in methods:
-        for sparsity in ([0.0] if method == "dense" else sparsities):
-            for seed in seeds:
-                workdir = out / f"{method}-{sparsity:g}-s{seed}"
-                done = workdir / "summary.json"
-                if not done.is_file():
-                    cfg = get_config(config, method=method, sparsity=sparsity, seed=seed, workdir=str(workdir),
-                                     progress=False, **overrides)
-                    print(f"== {method} S={sparsity:g} seed={seed}", flush=True)
-                    result = train(cfg)
-                    if result.status == "interrupted":  # checkpointed; re-running the sweep resumes this run
-                        print(f"interrupted at step {result.summary['steps']} of {workdir}; run the same sweep "
-                              f"command to resume.", flush=True)
-                        raise SystemExit(128 + result.signal)
-                summary = json.loads(done.read_text())
-                print(f"   test acc {summary['test_accuracy']:.4f}  active neurons "
-                      f"{summary['active_neuron_fraction']:.3f}  ({summary['train_seconds']} s)", flush=True)
-                summaries.append(summary)
-    return summaries
+    for method, sparsity, seed in _cells(methods, sparsities, seeds):
+        workdir = run_dir(out, method, sparsity, seed)
+        done = workdir / "summary.json"
+        if not done.is_file():
+            cfg = get_config(config, method=method, sparsity=sparsity, seed=seed, workdir=str(workdir),
+                             progress=False, **overrides)
+            print(f"== {method} S={sparsity:g} seed={seed}", flush=True)
+            result = train(cfg)
+            if result.status == "interrupted":  # checkpointed; re-running the sweep resumes this run
+                print(f"interrupted at step {result.summary['steps']} of {workdir}; run the same sweep "
+                      f"command to resume.", flush=True)
+                raise SystemExit(128 + result.signal)
+        summary = json.loads(done.read_text())
+        print(f"   test acc {summary['test_accuracy']:.4f}  active neurons "
+              f"{summary['active_neuron_fraction']:.3f}  ({summary['train_seconds']} s)", flush=True)
+    return summaries_under(out, methods, sparsities, seeds)
+
+
+def summaries_under(out: Path, methods, sparsities, seeds) -> list[dict]:
+    """The summaries of the grid's finished runs under ``out`` (unfinished or missing runs are left out)."""
+    paths = [run_dir(out, *cell) / "summary.json" for cell in _cells(methods, sparsities, seeds)]
+    return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
 
 def results_table(summaries: list[dict]) -> str:
