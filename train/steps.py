@@ -7,11 +7,14 @@ derived from the device index). Modes:
 
 - ``"single"``: ``jax.jit`` on one device; the batch is the global batch.
 - ``"pmap"``: ``jax.pmap`` over the local devices; the state is replicated (leading device axis), the batch is
-  reshaped to ``(n_devices, per_device, ...)``; gradients, loss, accuracy and float model state (BatchNorm
-  running stats) are averaged with ``lax.pmean`` inside the step.
+  reshaped to ``(n_devices, per_device, ...)``; gradients are averaged with :func:`device_mean` (one summation
+  order for every element, so exact ties in the growth scores survive), loss, accuracy and float model state
+  (BatchNorm running stats) with ``lax.pmean``, inside the step.
 - ``"sharded"``: ``jax.jit`` with ``NamedSharding``: the state is replicated over a 1-D mesh, the batch is split
   along its leading axis (``PartitionSpec(axis_name)``). The loss is the global-batch mean, so XLA inserts the
-  cross-device gradient reduction itself; BatchNorm statistics are global-batch statistics.
+  cross-device gradient reduction itself; BatchNorm statistics are global-batch statistics. Across processes
+  that reduction has the hazard :func:`device_mean` avoids under pmap (values equal on every device may come out
+  1 ulp apart), so an exact tie in the growth scores may be broken differently than in one process.
 """
 from __future__ import annotations
 
@@ -94,6 +97,30 @@ def forward_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
+def device_mean(tree: Any, axis_name: str) -> Any:
+    """Mean of every (float) leaf over the devices of ``axis_name``, each element summed in one fixed order
+    (device 0, 1, 2, ...): values equal on every device stay equal. Use inside ``pmap`` / ``shard_map``.
+
+    ``lax.pmean`` does not promise that: XLA's cross-process all-reduce on CPU (gloo) is a ring that adds each
+    chunk of a buffer starting at another device, so a value equal on every device can come out 1 ulp apart
+    in different chunks. Growth scores that tie exactly (MNIST's constant background pixels give equal
+    gradients) are then ordered by where they sit in the buffer instead of by index, and a multi-process run
+    picks other weights than a single-process one. Here ``all_to_all`` hands every device one part of every
+    device's values (no arithmetic), each device adds its part in device order, and ``all_gather`` joins the
+    parts: the communication of a ring all-reduce (reduce-scatter + all-gather), with the order made explicit.
+    """
+    n = lax.axis_size(axis_name)
+
+    def one(x: jax.Array) -> jax.Array:
+        part = -(-x.size // n)
+        flat = jnp.pad(x.reshape(-1), (0, part * n - x.size)).reshape(n, part)
+        parts = lax.all_to_all(flat, axis_name, 0, 0)   # parts[j]: device j's values of this device's part
+        total = functools.reduce(lambda acc, j: acc + parts[j], range(1, n), parts[0])
+        return lax.all_gather(total / n, axis_name, tiled=True)[:x.size].reshape(x.shape).astype(x.dtype)
+
+    return jax.tree.map(lambda x: one(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
 def _pmean_floats(tree: Any, axis_name: str) -> Any:
     """Average the float leaves over ``axis_name``; integer leaves (counters) are identical and kept."""
     return jax.tree.map(
@@ -119,8 +146,10 @@ def _train_step_body(state: TrainState, batch: Batch, *, loss_fn: LossFn, tx: op
     _check_labels(logits, batch["label"])
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32))
     if axis_name is not None:
-        # Average before scoring: growth scores and therefore masks must be identical on every device.
-        grads, loss, accuracy = lax.pmean((grads, loss, accuracy), axis_name)
+        # Average before scoring: growth scores and therefore masks must be identical on every device, and
+        # exact ties between them must survive the average as in a single-process run (see device_mean).
+        grads = device_mean(grads, axis_name)
+        loss, accuracy = lax.pmean((loss, accuracy), axis_name)
         model_state = _pmean_floats(model_state, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     info = sj.get_sparse_state(opt_state).info
