@@ -130,39 +130,43 @@ def sparse_step(
     updated = algo.is_update_step(step)
     acc = None if grad_acc is None else algo.accumulate_grads(grad_acc, grads, step)
 
-    def masks_after_update():
-        growth = grads if acc is None else algo.averaged_grads(acc)
-        return algo.update_masks_with_info(params, growth, masks, key, step)[1]
+    def step_with(new_masks: PyTree, kept: PyTree, state: PyTree):
+        # Weights kept keep their value (also when dropped and regrown in the same update), grown ones start at
+        # 0: the same expression as update_masks (non-sparse leaves are all-True, so they pass through).
+        new_params = jax.tree.map(lambda p, k: jnp.where(k, p, jnp.zeros((), p.dtype)), params, kept)
+        opt_grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros((), g.dtype)), grads, kept)
+        inner_updates, state = inner.update(opt_grads, state, new_params, masks=new_masks, **extra_args)
+        # Kept weights: the inner update as is (new_params == params there, so params + u is exactly what an
+        # optimizer step on them gives). Elsewhere land exactly on the new value: u where grown, 0 where inactive.
+        updates = jax.tree.map(
+            lambda u, k, m, p: jnp.where(k, u, jnp.where(m, u, jnp.zeros((), u.dtype)) - p.astype(u.dtype)),
+            inner_updates, kept, new_masks, params)
+        return updates, state, new_masks, acc
 
-    # Only the mask selection sits in a lax.cond (it is the expensive part, and only update steps run it); the
-    # rest is elementwise and runs every step, so XLA fuses it into the optimizer's own passes instead of copying
-    # params and optimizer state through a conditional on every non-update step.
-    new_masks = lax.cond(updated, masks_after_update, lambda: masks)
-    kept = jax.tree.map(jnp.logical_and, masks, new_masks)
-    # Weights kept keep their value (also when dropped and regrown in the same update), grown ones start at 0:
-    # the same expression as update_masks (non-sparse leaves are all-True, so they pass through).
-    new_params = jax.tree.map(lambda p, k: jnp.where(k, p, jnp.zeros((), p.dtype)), params, kept)
-    # Optimizer state of weights not active before and after is reset, on update steps only.
-    reset_kept = jax.tree.map(lambda k: k | ~updated, kept)
-    state = reset_optimizer_state(inner, inner_state, reset_kept, reset_kept)
-    opt_grads = jax.tree.map(lambda g, k: jnp.where(k, g, jnp.zeros((), g.dtype)), grads, kept)
-    inner_updates, state = inner.update(opt_grads, state, new_params, masks=new_masks, **extra_args)
-    # Kept weights: the inner update as is (new_params == params there, so params + u is exactly what an
-    # optimizer step on them gives). Elsewhere land exactly on the new value: u where grown, 0 where inactive.
-    updates = jax.tree.map(
-        lambda u, k, m, p: jnp.where(k, u, jnp.where(m, u, jnp.zeros((), u.dtype)) - p.astype(u.dtype)),
-        inner_updates, kept, new_masks, params)
-    if not skip_nonfinite:
-        growth_nonfinite = jnp.zeros((), bool) if acc is None else any_nonfinite(acc)
-        info = MaskUpdateInfo(updated, nonfinite | growth_nonfinite, algo.drop_fraction(step))
-        return SparseStepResult(updates, state, new_masks, acc, info)
-    # A skipped step returns zero updates and the incoming state: selects that fuse into the passes above.
-    keep_old = lambda old, new: jnp.where(nonfinite, old, new)  # noqa: E731
-    updates = jax.tree.map(lambda u: jnp.where(nonfinite, jnp.zeros((), u.dtype), u), updates)
-    info = MaskUpdateInfo(updated & ~nonfinite, nonfinite, algo.drop_fraction(step))
-    return SparseStepResult(updates, jax.tree.map(keep_old, inner_state, state),
-                            jax.tree.map(keep_old, masks, new_masks),
-                            None if acc is None else jax.tree.map(keep_old, grad_acc, acc), info)
+    def plain_step():  # the masks stay: every active weight is kept, no optimizer state to reset
+        return step_with(masks, masks, inner_state)
+
+    def mask_update_step():
+        growth = grads if acc is None else algo.averaged_grads(acc)
+        new_masks = algo.update_masks_with_info(params, growth, masks, key, step)[1]
+        kept = jax.tree.map(jnp.logical_and, masks, new_masks)
+        # Optimizer state of weights not active before and after is reset.
+        return step_with(new_masks, kept, reset_optimizer_state(inner, inner_state, kept, kept))
+
+    # Each step runs exactly one branch: the mask selection only on update steps, and no select over every
+    # array for the NaN/Inf skip on ordinary steps (a skipped step returns zero updates and the incoming state).
+    if skip_nonfinite:
+        shapes = jax.eval_shape(plain_step)[0]
+        skipped_step = lambda: (jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), shapes),  # noqa: E731
+                                inner_state, masks, grad_acc)
+        branch = jnp.where(nonfinite, 0, jnp.where(updated, 2, 1))
+        updates, state, new_masks, new_acc = lax.switch(branch, (skipped_step, plain_step, mask_update_step))
+        info = MaskUpdateInfo(updated & ~nonfinite, nonfinite, algo.drop_fraction(step))
+        return SparseStepResult(updates, state, new_masks, new_acc, info)
+    updates, state, new_masks, new_acc = lax.cond(updated, mask_update_step, plain_step)
+    growth_nonfinite = jnp.zeros((), bool) if acc is None else any_nonfinite(acc)
+    info = MaskUpdateInfo(updated, nonfinite | growth_nonfinite, algo.drop_fraction(step))
+    return SparseStepResult(updates, state, new_masks, new_acc, info)
 
 
 def _any_nonfinite_pair(grads: PyTree, params: PyTree) -> jax.Array:
