@@ -106,9 +106,10 @@ MNIST_GAP = Study(
     description="MNIST, LeNet-300-100 at 99%, ERK, 1500 steps unless the label says otherwise",
     stages=(
         Stage(("rigl", "srigl_noablation"), **_GAP, overrides={"steps": 1500}),
-        # The ablation threshold relative to k0: gamma_sal -> max(1, floor(gamma_sal * k0)) salient weights.
+        # The ablation threshold relative to k0 (6 in fc1 and fc2 here): gamma_sal -> max(1, floor(gamma_sal * k0))
+        # salient weights, i.e. 3, 4 and 5; gamma_sal >= 1 is an absolute count (6: all of k0 must be salient).
         *(Stage(("srigl",), **_GAP, overrides={"steps": 1500, "gamma_sal": g}, subdir=f"gamma{g:g}",
-                label=f"SRigL gamma_sal {g:g}") for g in (0.5, 0.7, 0.95, 0.99)),
+                label=f"SRigL gamma_sal {g:g}") for g in (0.5, 0.7, 0.95, 6)),
         # The structure alone, without dynamics: constant fan-in vs unstructured random masks, never updated.
         Stage(("static",), **_GAP, overrides={"steps": 1500}, label="static unstructured"),
         Stage(("srigl_noablation",), **_GAP, overrides={"steps": 1500, "delta_t": 1500}, subdir="static_fanin",
@@ -117,8 +118,12 @@ MNIST_GAP = Study(
         Stage(("rigl", "srigl_noablation"), **_GAP, overrides={"steps": 1500, "distribution": "uniform"},
               subdir="uniform", label="{method} uniform"),
         # Training length: 4x longer (12.8 epochs).
-        Stage(("rigl", "srigl_noablation", "srigl"), **_GAP, overrides={"steps": 6000, "gamma_sal": 0.95},
-              subdir="steps6000", label="{method} 6000 steps"),
+        Stage(("rigl", "srigl_noablation"), **_GAP, overrides={"steps": 6000}, subdir="steps6000",
+              label="{method}, 6000 steps"),
+        Stage(("srigl",), **_GAP, overrides={"steps": 6000, "gamma_sal": 0.95}, subdir="steps6000",
+              label="SRigL gamma_sal 0.95, 6000 steps"),
+        Stage(("srigl",), **_GAP, overrides={"steps": 6000, "gamma_sal": 6}, subdir="steps6000_gamma6",
+              label="SRigL gamma_sal 6, 6000 steps"),
     ),
 )
 
@@ -222,58 +227,81 @@ def _order(c: dict) -> int:
 def plot_study(study: Study, cell_list: list[dict], path: Path) -> Path:
     """PNG: test accuracy per setting and sparsity (mean, seeds as points; the paper's numbers beside it for
     CIFAR-10), active-neuron fraction, and fan-in k' per layer at the highest sparsity (RigL's spread vs
-    SRigL's constant)."""
+    SRigL's constant). Settings are grouped by sparsity; a study at one sparsity gets one row per setting."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 4.6))
-    ax_acc, ax_act, ax_fan = fig.subplots(1, 3)
     sparse = [c for c in cell_list if c["sparsity"] > 0]
     sparsities = sorted({c["sparsity"] for c in sparse})
-    labels = sorted({c["label"] for c in sparse}, key=lambda lab: (min(_order(c) for c in sparse if c["label"] == lab), lab))
+    labels = sorted({c["label"] for c in sparse},
+                    key=lambda lab: (min(_order(c) for c in sparse if c["label"] == lab), lab))
+    rows = len(sparsities) == 1  # one sparsity: horizontal bars, one labelled row per setting
+    fig = Figure(figsize=(16, max(4.6, 0.32 * len(labels) + 1.5) if rows else 4.6))
+    ax_acc, ax_act, ax_fan = fig.subplots(1, 3)
     width = 0.8 / max(1, len(labels))
-    x_of = {(label, s): j + (i - (len(labels) - 1) / 2) * width
-            for i, label in enumerate(labels) for j, s in enumerate(sparsities)}
-    for label in labels:
+    pos = {(label, s): (len(labels) - 1 - i if rows else j + (i - (len(labels) - 1) / 2) * width)
+           for i, label in enumerate(labels) for j, s in enumerate(sparsities)}
+    size = 0.8 if rows else width
+
+    def bars(ax, cells_, values, **kw):
+        at = [pos[c["label"], c["sparsity"]] for c in cells_]
+        return (ax.barh(at, values, size, **kw) if rows else ax.bar(at, values, size, **kw)), at
+
+    def points(ax, at, values, **kw):
+        return ax.scatter(values, at, **kw) if rows else ax.scatter(at, values, **kw)
+
+    for k, label in enumerate(labels):
         mine = [c for c in sparse if c["label"] == label]
-        xs = [x_of[label, c["sparsity"]] for c in mine]
-        bars = ax_acc.bar(xs, [c["test_accuracy_mean"] for c in mine], width, label=label, alpha=0.8)
-        ax_acc.scatter([x_of[label, c["sparsity"]] for c in mine for _ in c["test_accuracy"]],
-                       [a for c in mine for a in c["test_accuracy"]], s=10, color="k", zorder=3)
-        ax_act.bar(xs, [100 * float(np.mean(c["active_neuron_fraction"])) for c in mine], width,
-                   color=bars.patches[0].get_facecolor(), label=label)
+        colour = f"C{k % 10}"
+        _, at = bars(ax_acc, mine, [c["test_accuracy_mean"] for c in mine], color=colour, alpha=0.8, label=label)
+        points(ax_acc, [a for a, c in zip(at, mine) for _ in c["test_accuracy"]],
+               [v for c in mine for v in c["test_accuracy"]], s=10, color="k", zorder=3)
+        bars(ax_act, mine, [100 * float(np.mean(c["active_neuron_fraction"])) for c in mine], color=colour,
+             label=label)
     for c in cell_list:
         if c["sparsity"] == 0:
-            ax_acc.axhline(c["test_accuracy_mean"], color="gray", ls="--", lw=1, label=f"{c['label']} (ours)")
+            line = ax_acc.axvline if rows else ax_acc.axhline
+            line(c["test_accuracy_mean"], color="gray", ls="--", lw=1, label=f"{c['label']} (ours)")
     if study is CIFAR10:  # the paper's full-scale numbers on the bars of the same method (not the variants)
         for model, marker in zip(PAPER_CIFAR10, ("D", "v")):
-            pts = [(x_of[METHOD_LABELS[m], s], PAPER_CIFAR10[model][s][m]) for m in _SPARSE for s in sparsities
-                   if (METHOD_LABELS[m], s) in x_of and m in PAPER_CIFAR10[model].get(s, {})]
+            pts = [(pos[METHOD_LABELS[m], s], PAPER_CIFAR10[model][s][m]) for m in _SPARSE for s in sparsities
+                   if (METHOD_LABELS[m], s) in pos and m in PAPER_CIFAR10[model].get(s, {})]
             if pts:
-                ax_acc.scatter(*zip(*pts), marker=marker, s=22, facecolors="none", edgecolors="C3",
-                               label=f"paper {model} (full scale)", zorder=4)
+                points(ax_acc, *zip(*pts), marker=marker, s=22, facecolors="none", edgecolors="C3",
+                       label=f"paper {model} (full scale)", zorder=4)
     all_acc = [a for c in cell_list for a in c["test_accuracy"]]
-    lo = min(all_acc) if all_acc else 0
-    ax_acc.set(xticks=range(len(sparsities)), xticklabels=[f"{s:g}" for s in sparsities], xlabel="sparsity",
-               ylabel="test accuracy %", title="test accuracy (bars: mean; dots: seeds)",
-               ylim=(max(0, math.floor(lo - 5)), 100))
-    ax_acc.legend(fontsize=7, loc="lower left")
-    ax_act.set(xticks=range(len(sparsities)), xticklabels=[f"{s:g}" for s in sparsities], xlabel="sparsity",
-               ylabel="active neurons % (mean over seeds)", title="active neurons", ylim=(0, 105))
-    ax_act.legend(fontsize=7, loc="lower left")
+    acc_range = (max(0, math.floor(min(all_acc, default=0) - 5)), 100)
+    for ax, what, lim in ((ax_acc, "test accuracy %", acc_range), (ax_act, "active neurons % (mean over seeds)",
+                                                                      (0, 105))):
+        if rows:
+            ax.set(yticks=range(len(labels)), yticklabels=labels[::-1], xlabel=what, xlim=lim,
+                   ylabel=f"S = {sparsities[0]:g}" if sparsities else "")
+        else:
+            ax.set(xticks=range(len(sparsities)), xticklabels=[f"{s:g}" for s in sparsities], xlabel="sparsity",
+                   ylabel=what, ylim=lim)
+            ax.legend(fontsize=7, loc="lower left")
+    ax_acc.set_title("test accuracy (bars: mean; dots: seeds)")
+    ax_act.set_title("active neurons")
+    if rows:
+        ax_act.set(yticklabels=[])
+        extra = [h for h in ax_acc.get_legend_handles_labels()[0] if not hasattr(h, "patches")]  # dense, paper
+        if extra:
+            ax_acc.legend(fontsize=7, loc="lower left", handles=extra)
     if sparsities:
         top = sparsities[-1]
-        for i, c in enumerate(c for c in sparse if c["sparsity"] == top):
+        at_top = [c for c in sparse if c["sparsity"] == top]
+        step = 0.8 / max(1, len(at_top))
+        for i, c in enumerate(at_top):
             layers = list(c["fan_in"])
-            ys = np.arange(len(layers)) + (i - 1) * 0.25
+            ys = np.arange(len(layers)) + (i - (len(at_top) - 1) / 2) * step
             lo_k = [c["fan_in"][p][0] for p in layers]
             hi_k = [c["fan_in"][p][1] for p in layers]
             ax_fan.errorbar(lo_k, ys, xerr=[[0] * len(layers), np.subtract(hi_k, lo_k)], fmt="o", ms=3,
-                            capsize=2, label=c["label"])
+                            capsize=2, label=c["label"], color=f"C{labels.index(c['label']) % 10}")
             ax_fan.set(yticks=np.arange(len(layers)), yticklabels=[p.replace("/kernel", "") for p in layers])
         ax_fan.set(xscale="log", xlabel="fan-in k' (min to max over active neurons)",
                    title=f"fan-in per layer at the end, S={top:g}")
-        ax_fan.tick_params(axis="y", labelsize=6)
-        ax_fan.legend(fontsize=7)
+        ax_fan.tick_params(axis="y", labelsize=7)
+        ax_fan.legend(fontsize=6, loc="best")
     fig.suptitle(study.description, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
