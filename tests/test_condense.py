@@ -10,10 +10,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import srigl_jax as sj
 from srigl_jax import _ffi_kernels
-from srigl_jax.inference import KERNELS, Timing
+from srigl_jax.inference import KERNELS, CondensedDense, CondensedLinear, Timing, densify, export_condensed
+from srigl_jax.inference.layers import pad_slices
 from tests.test_layout import NNXStacked, ScannedMLP
 from tests.test_layout import _train as train_steps
 from train.models import MLP, ResNet, SmallCNN, ViT, BasicBlock
@@ -422,3 +425,58 @@ def test_scanned_nnx_model_equals_the_module(kernel):
     want = np.asarray(module(x))
     np.testing.assert_allclose(np.asarray(fast(x)), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(fast, x)), want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_slices=st.integers(1, 4), fan_in=st.integers(4, 9), n=st.integers(3, 7), seed=st.integers(0, 10_000))
+def test_pad_slices_is_exact(n_slices, fan_in, n, seed):
+    mask = stacked_masks((n_slices, fan_in, n), seed)
+    kernel = np.random.default_rng(seed).standard_normal(mask.shape).astype(np.float32)
+    padded_kernel, padded = pad_slices(kernel, mask)
+    counts = padded.sum(axis=1)
+    assert len({int((c > 0).sum()) for c in counts}) == 1            # one active count for every slice
+    assert len(set(counts[counts > 0].tolist())) == 1                 # one fan-in for every active neuron
+    assert int((counts > 0).sum(axis=1).max()) == int((mask.sum(axis=1) > 0).sum(axis=1).max())
+    assert int(counts.max()) == int(mask.sum(axis=1).max())
+    assert np.all(padded >= mask) and np.array_equal(padded_kernel * padded, kernel * mask)   # weights unchanged
+
+
+def test_export_condensed_stacked_and_neuron_axes():
+    class CondensedBlock(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return nn.relu(CondensedDense(32, name="Dense_0")(h)), None
+
+    class Exported(nn.Module):   # ScannedMLP with its scanned blocks condensed
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(32, name="embed")(x))
+            blocks = nn.scan(CondensedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+            x, _ = blocks(name="blocks")(x, None)
+            return nn.Dense(5, name="head")(x)
+
+    model = ScannedMLP()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 12)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    params, masks = with_stacked_masks(params, masks, "blocks/Dense_0", seed=6)
+    with pytest.raises(ValueError, match=r"'blocks/Dense_0/kernel' with shape \(4, 32, 32\).*stack_axes"):
+        export_condensed(params, masks)
+    exported = export_condensed(params, masks, stack_axes={"blocks/": 0})
+    assert exported["blocks"]["Dense_0"]["values"].shape == (4, 31, 4) and "kernel" in exported["embed"]
+    np.testing.assert_allclose(Exported().apply({"params": exported}, x), model.apply({"params": params}, x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="slice 1.*not constant fan-in"):
+        bad = np.asarray(masks["blocks"]["Dense_0"]["kernel"]).copy()
+        bad[1, :, 0] = False
+        bad[1, :5, 0] = True   # one neuron of slice 1 with 5 inputs
+        export_condensed(params, _edit(masks, "blocks/Dense_0/kernel", lambda _: jnp.asarray(bad)),
+                         stack_axes={"blocks/": 0})
+    # neurons on several axes (a DenseGeneral in-projection (in, heads, head_dim)): one neuron per (head, dim)
+    mask = np.zeros((8, 2, 3), bool)
+    for j in range(6):
+        mask.reshape(8, 6)[[j, (j + 3) % 8], j] = True
+    kernel = np.random.default_rng(1).standard_normal(mask.shape).astype(np.float32) * mask
+    out = export_condensed({"q": {"kernel": kernel}}, {"q": {"kernel": mask}}, neuron_axes={"q": (1, 2)})["q"]
+    layer = CondensedLinear(out["values"], out["indices"], out["bias"], out["active"], 8, 6)
+    np.testing.assert_array_equal(densify(layer), kernel.reshape(8, 6))

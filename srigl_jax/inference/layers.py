@@ -109,10 +109,10 @@ def pad_slices(kernel: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     extra neurons, the lowest-numbered ablated ones) carry weight 0, so every output is unchanged (an added
     neuron outputs 0 + its bias, as an ablated neuron does). A slice that is already the largest is unchanged.
 
-    >>> m = np.array([[[1, 1], [1, 0], [0, 0]], [[1, 0], [0, 0], [0, 0]]], bool)   # slice 1: neuron 1 ablated
+    >>> m = np.array([[[1, 1], [1, 1], [0, 0]], [[1, 0], [0, 0], [0, 0]]], bool)   # slice 1: k' 1, 1 active
     >>> k, p = pad_slices(np.ones((2, 3, 2)), m)
-    >>> p.sum(axis=1).tolist(), float(k[1].sum())
-    ([[2, 1], [2, 2]], 1.0)
+    >>> p.sum(axis=1).tolist(), p[1].astype(int).tolist(), float(k[1].sum())
+    ([[2, 2], [2, 2]], [[1, 1], [1, 1], [0, 0]], 1.0)
     """
     mask = np.asarray(mask, bool)
     counts = mask.sum(axis=1)  # (S, n)
