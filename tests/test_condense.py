@@ -480,3 +480,39 @@ def test_export_condensed_stacked_and_neuron_axes():
     out = export_condensed({"q": {"kernel": kernel}}, {"q": {"kernel": mask}}, neuron_axes={"q": (1, 2)})["q"]
     layer = CondensedLinear(out["values"], out["indices"], out["bias"], out["active"], 8, 6)
     np.testing.assert_array_equal(densify(layer), kernel.reshape(8, 6))
+
+
+class WideScanned(nn.Module):
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, name="embed")(x)
+        block = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+        x, _ = block(name="blocks")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.relu(nn.Dense(h.shape[-1])(h)), None
+
+
+@pytest.mark.slow   # CI: the scanned tests above
+@settings(max_examples=8, deadline=None)
+@given(width=st.integers(8, 96), depth=st.integers(1, 6), batch=st.sampled_from([1, 5, 64]),
+       kernel=st.sampled_from(["structured", "condensed_xla", "condensed_ffi"]), seed=st.integers(0, 1000))
+def test_scanned_models_of_any_shape_equal_apply(width, depth, batch, kernel, seed):
+    if kernel == "condensed_ffi" and not _ffi_kernels.available():
+        return
+    model = WideScanned(width, depth)
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, 7)), jnp.float32)
+    params = model.init(jax.random.key(seed), x)["params"]
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    params, masks = with_stacked_masks(params, masks, "blocks/Dense_0", seed)
+    fast = sj.condense(model, {"params": params}, masks, example=x, kernels={"blocks": kernel},
+                       stack_axes={"blocks/": 0})
+    assert kinds(fast)["blocks/Dense_0"] == kernel
+    assert_same(fast, model, {"params": params}, x)

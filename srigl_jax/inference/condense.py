@@ -45,8 +45,7 @@ from flax.linen.linear import canonicalize_padding
 
 from srigl_jax.inference.export import check_bool_mask, get_path, set_path
 from srigl_jax.inference.kernels import CONV, DENSE, KERNELS, LINEAR, LayerCall, LayerStats
-from srigl_jax.inference.layers import (as_plain_dict, kernel_layers, layer_layouts, map_slices,
-                                        module_layout_problem, stack_shape)
+from srigl_jax.inference.layers import as_plain_dict, kernel_layers, layer_layouts, map_slices, module_layout_problem
 from srigl_jax.layout import Axes, Layout
 from srigl_jax.paths import named_leaves
 
@@ -549,8 +548,8 @@ def _check_kernel_names(kernels: Mapping[str, str] | None) -> None:
 
 
 def _guess_call(layer: _Layer) -> LayerCall | str:
-    """Without an example the calls are unknown: a 2-D kernel (slice) is taken for a linear layer, 4-D for a conv whose
-    stride and padding the interceptor reads from the module at run time (checked there)."""
+    """Without an example the calls are unknown: a 2-D kernel (slice) is taken for a linear layer, 4-D for a conv
+    whose stride and padding the interceptor reads from the module at run time (checked there)."""
     shape = layer.layout.slice_shape
     ndim = len(shape)
     if ndim == 2:

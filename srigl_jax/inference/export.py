@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.inference.layers import as_matrix, as_plain_dict, kernel_layers, layer_layouts, map_slices, module_layout_problem
+from srigl_jax.inference.layers import (as_matrix, as_plain_dict, kernel_layers, layer_layouts, map_slices,
+                                        module_layout_problem)
 from srigl_jax.inference.ops import CondensedLinear, index_dtype_for
 from srigl_jax.layout import Axes
 from srigl_jax.paths import natural_key
