@@ -241,10 +241,7 @@ def _prepare(layer: _Layer, name: str, call: LayerCall, first_slice: bool = Fals
     def one(kernel, mask, bias):
         return KERNELS[name].prepare(kernel.reshape(shape), mask.reshape(shape), bias, call)
 
-    variables = map_slices(layer.layout, layer.kernel, layer.mask, layer.bias, layer.path, one)
-    n_lead = len(layer.layout.stack_axes)
-    if first_slice:
-        variables = {k: v.reshape(-1, *v.shape[n_lead:])[0] for k, v in variables.items()}
+    variables = map_slices(layer.layout, layer.kernel, layer.mask, layer.bias, layer.path, one, first_slice)
     return {k: jnp.asarray(v) for k, v in variables.items()}
 
 

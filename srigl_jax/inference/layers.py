@@ -129,16 +129,18 @@ def pad_slices(kernel: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def map_slices(layout: Layout, kernel: Any, mask: Any, bias: Any, name: str,
-               fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], Mapping[str, Any]]) -> dict[str, Any]:
+               fn: Callable[[np.ndarray, np.ndarray, np.ndarray | None], Mapping[str, Any]],
+               first_only: bool = False) -> dict[str, Any]:
     """``fn(kernel (fan_in, n), mask (fan_in, n), bias (n,) or None)`` on every slice of a layer after
     :func:`pad_slices`, its outputs stacked on the layout's stack axes (leading; nothing added for a plain
-    layer): ``{name: array (*stack_shape, *shape fn returned)}``."""
+    layer): ``{name: array (*stack_shape, *shape fn returned)}``. ``first_only``: the first (padded) slice's
+    outputs alone, without stack axes (what one step of the scan sees; for timing)."""
     kernel_s = layout.to_slices(np.asarray(kernel))
     mask_s = layout.to_slices(np.asarray(mask))
     biases = bias_slices(layout, bias, name)
     kernel_s, mask_s = pad_slices(kernel_s, mask_s)
-    per_slice = [fn(kernel_s[s], mask_s[s], None if biases is None else biases[s]) for s in range(layout.n_slices)]
-    lead = stack_shape(layout)
+    n_slices, lead = (1, ()) if first_only else (layout.n_slices, stack_shape(layout))
+    per_slice = [fn(kernel_s[s], mask_s[s], None if biases is None else biases[s]) for s in range(n_slices)]
     return {key: np.stack([np.asarray(v[key]) for v in per_slice]).reshape(*lead, *np.shape(per_slice[0][key]))
             for key in per_slice[0]}
 
