@@ -516,3 +516,37 @@ def test_scanned_models_of_any_shape_equal_apply(width, depth, batch, kernel, se
                        stack_axes={"blocks/": 0})
     assert kinds(fast)["blocks/Dense_0"] == kernel
     assert_same(fast, model, {"params": params}, x)
+
+
+class ConvBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.relu(nn.Conv(6, (3, 3), name="conv")(h)), None
+
+
+class ScannedCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(6, (3, 3), name="stem")(x)
+        x, _ = nn.scan(ConvBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+            name="blocks")(x, None)
+        return x.mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize("kernel", ["structured", "conv_patches_xla", "conv_direct_xla",
+                                    pytest.param("conv_direct_ffi", marks=FFI)])
+def test_scanned_conv_blocks_equal_apply(kernel):
+    model = ScannedCNN()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 2)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    kernel_5d = np.asarray(params["blocks"]["conv"]["kernel"])   # (3, 3, 3, 6, 6): stacked HWIO
+    mask = stacked_masks((3, 54, 6), seed=7).reshape(kernel_5d.shape)   # constant fan-in over (kh, kw, in)
+    params = _edit(params, "blocks/conv/kernel", lambda k: k * mask)
+    masks = _edit(masks, "blocks/conv/kernel", lambda _: jnp.asarray(mask))
+    with pytest.raises(ValueError, match=r"'blocks/conv'.*cannot be matched to its mask.*stack_axes="):
+        sj.condense(model, {"params": params}, masks, example=x, kernels={"blocks": kernel})   # taken for a 3-D conv
+    fast = sj.condense(model, {"params": params}, masks, example=x, kernels={"blocks": kernel},
+                       stack_axes={"blocks/": 0})
+    assert kinds(fast)["blocks/conv"] == kernel
+    assert_same(fast, model, {"params": params}, x)
