@@ -7,12 +7,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import srigl_jax as sj
 from srigl_jax import _ffi_kernels
-from srigl_jax.inference import KERNELS, Timing
+from srigl_jax.inference import KERNELS, CondensedDense, CondensedLinear, Timing, densify, export_condensed
+from srigl_jax.inference.layers import pad_slices
+from tests.test_layout import NNXStacked, ScannedMLP
+from tests.test_layout import _train as train_steps
 from train.models import MLP, ResNet, SmallCNN, ViT, BasicBlock
 
 FAST_TIMING = Timing(reps=2, budget_s=0.05)  # the choice runs, its outcome is not asserted (shared CPUs)
@@ -159,7 +165,11 @@ def test_dense_general_over_trailing_axes():
     masks = {"proj": {"kernel": jnp.asarray(mask), "bias": jnp.ones(6, bool)}}
     variables = {"params": {"proj": {"kernel": variables["params"]["proj"]["kernel"] * mask,
                                      "bias": variables["params"]["proj"]["bias"] + 0.5}}}
-    fast = sj.condense(model, variables, masks, example=x, kernels={".": "condensed_xla"})
+    # (4, 5, 6) could be a stacked Dense, a DenseGeneral or a 1-D conv: declared as in training, never guessed
+    with pytest.raises(ValueError, match=r"'proj/kernel' with shape \(4, 5, 6\).*neuron_axes.*sj.condense"):
+        sj.condense(model, variables, masks, example=x, kernels={".": "condensed_xla"})
+    fast = sj.condense(model, variables, masks, example=x, kernels={".": "condensed_xla"}, neuron_axes={"proj": -1})
+    assert kinds(fast) == {"proj": "condensed_xla"}
     assert_same(fast, model, variables, x)
 
 
@@ -171,7 +181,7 @@ def test_override_and_choice_table():
                        timing=FAST_TIMING, check_model=False)
     fc1 = next(c for c in fast.choices if c.path == "fc1")
     assert (fc1.kernel, fc1.reason) == ("dense", "kernels= override")
-    assert "fc1" in fast.variables["model"]["params"] and "fc1" not in fast.variables["layers"]
+    assert set(fast.variables["params"]["fc1"]) == {"kernel", "bias"}   # run as written
     assert all(c.times_us for c in fast.choices if c.path != "fc1")
     table = fast.table()
     assert "fc1" in table and "kernels= override" in table
@@ -237,7 +247,7 @@ def test_float_masks_are_an_error():
         sj.condense(model, variables, masks, example=x)
 
 
-def test_model_layer_that_cannot_be_matched_to_its_mask():
+def test_vmapped_layer_needs_its_stack_declaration():
     class Stacked(nn.Module):  # a vmapped Dense: the params hold (2, in, out), the module sees (in, out)
         @nn.compact
         def __call__(self, x):
@@ -249,13 +259,21 @@ def test_model_layer_that_cannot_be_matched_to_its_mask():
     x = jnp.ones((3, 8))
     variables = model.init(jax.random.key(0), x)
     mask = np.zeros((2, 8, 4), bool)
-    mask[:, :2] = True
+    mask[0, :2, :3] = True    # slice 0: 3 active neurons, k' = 2
+    mask[1, 3:6, 2:] = True   # slice 1: 2 active neurons, k' = 3 (both padded exactly to 3 and 3)
     masks = {"stack": {"kernel": jnp.asarray(mask), "bias": jnp.ones((2, 4), bool)}}
     variables = _edit(variables, "params/stack/kernel", lambda k: k * mask)
-    with pytest.raises(ValueError, match=r"'stack'.*cannot be matched to its mask.*kernels=\{'stack': 'dense'\}"):
+    with pytest.raises(ValueError, match=r"'stack/kernel' with shape \(2, 8, 4\).*stack_axes"):
         sj.condense(model, variables, masks, example=x)
+    with pytest.raises(ValueError, match=r"'stack'.*cannot be matched to its mask.*stack_axes="):
+        sj.condense(model, variables, masks, example=x, neuron_axes={"stack": -1})   # taken for a 1-D conv
     fast = sj.condense(model, variables, masks, example=x, kernels={"stack": "dense"})
     assert_same(fast, model, variables, x)
+    for kernel in ["condensed_xla", "structured"] + (["condensed_ffi"] if _ffi_kernels.available() else []):
+        fast = sj.condense(model, variables, masks, example=x, kernels={".": kernel}, stack_axes={"stack/": 0})
+        choice = fast.choices[0]
+        assert (choice.kernel, choice.n_slices, choice.fan_in, choice.n_active) == (kernel, 2, 3, 3)
+        assert_same(fast, model, variables, x)
 
 
 def test_bad_overrides_are_errors():
@@ -301,3 +319,234 @@ def test_nnx_graph_surgery_equals_the_module(override):
     replaced = [c.path for c in fast.condense_choices if c.kernel != "dense"]
     assert all(isinstance(fast.layers[int(p[-1])] if p.startswith("layers") else fast.conv, sj.inference.CondensedLayer)
                for p in replaced)
+
+
+# ---------------------------------------------------------------------------------------------- stacked layers
+def stacked_masks(shape, seed):
+    """A (slices, fan_in, n) mask, constant fan-in per slice but with a different k' and a different set (and
+    number) of ablated neurons in every slice."""
+    n_slices, fan_in, n = shape
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, bool)
+    for s in range(n_slices):
+        k = 2 + s % 3
+        ablated = rng.choice(n, size=1 + s % 3, replace=False)
+        for j in sorted(set(range(n)) - set(ablated.tolist())):
+            mask[s, rng.choice(fan_in, size=k, replace=False), j] = True
+    return mask
+
+
+def with_stacked_masks(params, masks, path, seed):
+    """``params`` / ``masks`` with the stacked kernel at ``path`` replaced by :func:`stacked_masks` (weights zero
+    outside) and nonzero biases."""
+    kernel = np.asarray(get_path(params, f"{path}/kernel"))
+    mask = stacked_masks(kernel.shape, seed)
+    params = _edit(params, f"{path}/kernel", lambda k: k * mask)
+    params = _edit(params, f"{path}/bias", lambda b: b + 0.1 * jnp.arange(b.size, dtype=b.dtype).reshape(b.shape))
+    return params, _edit(masks, f"{path}/kernel", lambda _: jnp.asarray(mask))
+
+
+def get_path(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+STACKED_KERNELS = ["structured", "condensed_xla", pytest.param("condensed_ffi", marks=FFI)]
+
+
+@pytest.mark.parametrize("kernel", STACKED_KERNELS)
+def test_scanned_linen_model_equals_apply(kernel):
+    model = ScannedMLP()   # embed, nn.scan over 4 Dense (4, 32, 32) blocks, head
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 12)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    algo = sj.SRigL(sparsity=0.8, t_end=10, stack_axes={"blocks/": 0}, ablation_exempt=("head/",))
+    masks = algo.init_masks(params, jax.random.key(1))
+    params, masks = with_stacked_masks(algo.init_params(params, masks, jax.random.key(2)), masks,
+                                       "blocks/Dense_0", seed=3)
+    variables = {"params": params}
+    fast = sj.condense(model, variables, masks, example=x, kernels={"blocks": kernel, "embed|head": "condensed_xla"},
+                       stack_axes={"blocks/": 0})
+    blocks = next(c for c in fast.choices if c.path == "blocks/Dense_0")
+    assert (blocks.kernel, blocks.n_slices, blocks.fan_in, blocks.n_active, blocks.n_out, blocks.n_in) == (
+        kernel, 4, 4, 31, 32, 32)   # k' 2, 3, 4, 2 and 31, 30, 29, 31 active neurons: padded to 4 and 31
+    assert blocks.input_shapes == ((3, 32),)   # the scanned call's own input
+    if kernel != "structured":
+        assert fast.variables["params"]["blocks"]["Dense_0"]["values"].shape == (4, 31, 4)
+    assert_same(fast, model, variables, x, eager=True)
+    np.testing.assert_allclose(jax.jit(fast)(x), model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_linen_model_trained_with_srigl_measured_and_fixed_rule():
+    model = ScannedMLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
+    algo = sj.SRigL(sparsity=0.9, delta_t=2, t_end=5, gamma_sal=0.9, stack_axes={"blocks/": 0},
+                    ablation_exempt=("head/",))
+    masks = algo.init_masks(params, jax.random.key(1))
+    params = algo.init_params(params, masks, jax.random.key(2))
+    tx = sj.sparse_optimizer(optax.sgd(0.1, momentum=0.9), algo, masks=masks, key=jax.random.key(3))
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+    params, opt_state = train_steps(loss, params, tx)
+    masks = sj.get_masks(opt_state)
+    params, masks = with_stacked_masks(params, masks, "blocks/Dense_0", seed=4)   # ablation differs per slice
+    variables = {"params": params}
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 12)), jnp.float32)
+    with pytest.raises(ValueError, match=r"'blocks/Dense_0/kernel' with shape \(4, 32, 32\).*stack_axes"):
+        sj.condense(model, variables, masks, example=x)
+    declared = dict(stack_axes=algo.stack_axes, neuron_axes=algo.neuron_axes)
+    measured = sj.condense(model, variables, masks, example=x, timing=FAST_TIMING, **declared)
+    assert dict(next(c for c in measured.choices if c.path == "blocks/Dense_0").times_us).keys() >= {
+        "dense", "structured", "condensed_xla"}
+    assert_same(measured, model, variables, x)
+    fixed = sj.condense(model, variables, masks, **declared)   # no example: the fixed rule
+    assert kinds(fixed)["blocks/Dense_0"] == ("condensed_ffi" if _ffi_kernels.available() else "structured")
+    assert_same(fixed, model, variables, x)
+
+
+@pytest.mark.parametrize("kernel", STACKED_KERNELS)
+def test_scanned_nnx_model_equals_the_module(kernel):
+    module = NNXStacked(nnx.Rngs(0))   # embed, nnx.vmap-made Linear (3, 16, 16) run by nnx.scan, head
+    algo = sj.SRigL(sparsity=0.8, t_end=10, stack_axes={"blocks/": 0}, ablation_exempt=("head/",))
+    params = nnx.state(module, nnx.Param)
+    masks = algo.init_masks(params, jax.random.key(1))
+    params, masks = with_stacked_masks(nnx.to_pure_dict(algo.init_params(params, masks, jax.random.key(2))),
+                                       masks, "blocks", seed=5)
+    nnx.update(module, params)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 12)), jnp.float32)
+    with pytest.raises(ValueError, match=r"'blocks/kernel' with shape \(3, 16, 16\).*stack_axes"):
+        sj.condense(module, masks, kernels={"blocks": kernel})
+    fast = sj.condense(module, masks, kernels={"blocks": kernel}, stack_axes=algo.stack_axes)
+    blocks = next(c for c in fast.condense_choices if c.path == "blocks")
+    assert (blocks.kernel, blocks.n_slices, blocks.fan_in, blocks.n_active) == (kernel, 3, 4, 15)
+    assert isinstance(fast.blocks, sj.inference.CondensedLayer)
+    want = np.asarray(module(x))
+    np.testing.assert_allclose(np.asarray(fast(x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(fast, x)), want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_slices=st.integers(1, 4), fan_in=st.integers(4, 9), n=st.integers(3, 7), seed=st.integers(0, 10_000))
+def test_pad_slices_is_exact(n_slices, fan_in, n, seed):
+    mask = stacked_masks((n_slices, fan_in, n), seed)
+    kernel = np.random.default_rng(seed).standard_normal(mask.shape).astype(np.float32)
+    padded_kernel, padded = pad_slices(kernel, mask)
+    counts = padded.sum(axis=1)
+    assert len({int((c > 0).sum()) for c in counts}) == 1            # one active count for every slice
+    assert len(set(counts[counts > 0].tolist())) == 1                 # one fan-in for every active neuron
+    assert int((counts > 0).sum(axis=1).max()) == int((mask.sum(axis=1) > 0).sum(axis=1).max())
+    assert int(counts.max()) == int(mask.sum(axis=1).max())
+    assert np.all(padded >= mask) and np.array_equal(padded_kernel * padded, kernel * mask)   # weights unchanged
+
+
+def test_export_condensed_stacked_and_neuron_axes():
+    class CondensedBlock(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return nn.relu(CondensedDense(32, name="Dense_0")(h)), None
+
+    class Exported(nn.Module):   # ScannedMLP with its scanned blocks condensed
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(32, name="embed")(x))
+            blocks = nn.scan(CondensedBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=4)
+            x, _ = blocks(name="blocks")(x, None)
+            return nn.Dense(5, name="head")(x)
+
+    model = ScannedMLP()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 12)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    params, masks = with_stacked_masks(params, masks, "blocks/Dense_0", seed=6)
+    with pytest.raises(ValueError, match=r"'blocks/Dense_0/kernel' with shape \(4, 32, 32\).*stack_axes"):
+        export_condensed(params, masks)
+    exported = export_condensed(params, masks, stack_axes={"blocks/": 0})
+    assert exported["blocks"]["Dense_0"]["values"].shape == (4, 31, 4) and "kernel" in exported["embed"]
+    np.testing.assert_allclose(Exported().apply({"params": exported}, x), model.apply({"params": params}, x),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="slice 1.*not constant fan-in"):
+        bad = np.asarray(masks["blocks"]["Dense_0"]["kernel"]).copy()
+        bad[1, :, 0] = False
+        bad[1, :5, 0] = True   # one neuron of slice 1 with 5 inputs
+        export_condensed(params, _edit(masks, "blocks/Dense_0/kernel", lambda _: jnp.asarray(bad)),
+                         stack_axes={"blocks/": 0})
+    # neurons on several axes (a DenseGeneral in-projection (in, heads, head_dim)): one neuron per (head, dim)
+    mask = np.zeros((8, 2, 3), bool)
+    for j in range(6):
+        mask.reshape(8, 6)[[j, (j + 3) % 8], j] = True
+    kernel = np.random.default_rng(1).standard_normal(mask.shape).astype(np.float32) * mask
+    out = export_condensed({"q": {"kernel": kernel}}, {"q": {"kernel": mask}}, neuron_axes={"q": (1, 2)})["q"]
+    layer = CondensedLinear(out["values"], out["indices"], out["bias"], out["active"], 8, 6)
+    np.testing.assert_array_equal(densify(layer), kernel.reshape(8, 6))
+
+
+class WideScanned(nn.Module):
+    width: int
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width, name="embed")(x)
+        block = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.depth)
+        x, _ = block(name="blocks")(x, None)
+        return nn.Dense(3, name="head")(x)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.relu(nn.Dense(h.shape[-1])(h)), None
+
+
+@pytest.mark.slow   # CI: the scanned tests above
+@settings(max_examples=8, deadline=None)
+@given(width=st.integers(8, 96), depth=st.integers(1, 6), batch=st.sampled_from([1, 5, 64]),
+       kernel=st.sampled_from(["structured", "condensed_xla", "condensed_ffi"]), seed=st.integers(0, 1000))
+def test_scanned_models_of_any_shape_equal_apply(width, depth, batch, kernel, seed):
+    if kernel == "condensed_ffi" and not _ffi_kernels.available():
+        return
+    model = WideScanned(width, depth)
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, 7)), jnp.float32)
+    params = model.init(jax.random.key(seed), x)["params"]
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    params, masks = with_stacked_masks(params, masks, "blocks/Dense_0", seed)
+    fast = sj.condense(model, {"params": params}, masks, example=x, kernels={"blocks": kernel},
+                       stack_axes={"blocks/": 0})
+    assert kinds(fast)["blocks/Dense_0"] == kernel
+    assert_same(fast, model, {"params": params}, x)
+
+
+class ConvBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.relu(nn.Conv(6, (3, 3), name="conv")(h)), None
+
+
+class ScannedCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(6, (3, 3), name="stem")(x)
+        x, _ = nn.scan(ConvBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+            name="blocks")(x, None)
+        return x.mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize("kernel", ["structured", "conv_patches_xla", "conv_direct_xla",
+                                    pytest.param("conv_direct_ffi", marks=FFI)])
+def test_scanned_conv_blocks_equal_apply(kernel):
+    model = ScannedCNN()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 2)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    kernel_5d = np.asarray(params["blocks"]["conv"]["kernel"])   # (3, 3, 3, 6, 6): stacked HWIO
+    mask = stacked_masks((3, 54, 6), seed=7).reshape(kernel_5d.shape)   # constant fan-in over (kh, kw, in)
+    params = _edit(params, "blocks/conv/kernel", lambda k: k * mask)
+    masks = _edit(masks, "blocks/conv/kernel", lambda _: jnp.asarray(mask))
+    with pytest.raises(ValueError, match=r"'blocks/conv'.*cannot be matched to its mask.*stack_axes="):
+        sj.condense(model, {"params": params}, masks, example=x, kernels={"blocks": kernel})   # taken for a 3-D conv
+    fast = sj.condense(model, {"params": params}, masks, example=x, kernels={"blocks": kernel},
+                       stack_axes={"blocks/": 0})
+    assert kinds(fast)["blocks/conv"] == kernel
+    assert_same(fast, model, {"params": params}, x)

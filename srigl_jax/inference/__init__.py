@@ -1,7 +1,8 @@
 """Fast inference for constant fan-in sparse models.
 
 ``ops`` (the condensed representation and its pure-XLA product; a leaf module), ``dispatch`` (C++ FFI kernel
-or XLA), ``layers`` (which leaves are layers: the one place that decides), ``export`` (structured / condensed
+or XLA), ``layers`` (which leaves are layers and their per-slice matrix views, through
+:mod:`srigl_jax.layout`: the one place that decides), ``export`` (structured / condensed
 exports of a params tree), ``modules`` (linen modules for exported params), ``kernels`` (the per-layer kernels
 and their registry), ``condense`` (:func:`condense`: a whole unchanged linen or NNX model).
 """

@@ -15,6 +15,12 @@ against the dense model (``check_model``) and falls back to dense if it is not f
 fixed rule is used (condensed FFI for sparse linear layers when the C++ kernel is built, structured for layers
 with ablated neurons, else dense). ``kernels={regex: name}`` overrides the choice per layer.
 
+Layers are viewed through their :class:`~srigl_jax.layout.Layout` (the training side's rules and
+``stack_axes`` / ``neuron_axes`` declarations). A stacked layer (``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``, stack
+axes leading) is condensed slice by slice, each with its own active neurons and k', padded exactly to the largest
+slice (:func:`~srigl_jax.inference.layers.pad_slices`); the stacked kernel variables replace the layer's params,
+so the model's own scan hands each step its slice and the intercepted call runs the chosen kernel on it.
+
 Ablated neurons (all-False mask columns) are zero-skipped, not removed: the chosen kernel computes only the
 active neurons and scatters them to the full width (the ablated ones output their bias), so every layer keeps
 its output shape. Removing them would change the next layer's input width, and under interception the next
@@ -37,9 +43,10 @@ from flax import nnx, struct
 from flax.linen import dtypes as linen_dtypes
 from flax.linen.linear import canonicalize_padding
 
-from srigl_jax.inference.export import check_bool_mask, constant_fan_in, get_path, set_path
+from srigl_jax.inference.export import check_bool_mask, get_path, set_path
 from srigl_jax.inference.kernels import CONV, DENSE, KERNELS, LINEAR, LayerCall, LayerStats
-from srigl_jax.inference.layers import as_matrix, as_plain_dict, kernel_layers
+from srigl_jax.inference.layers import as_plain_dict, kernel_layers, layer_layouts, map_slices, module_layout_problem
+from srigl_jax.layout import Axes, Layout
 from srigl_jax.paths import named_leaves
 
 Array = jax.Array
@@ -64,6 +71,8 @@ class LayerChoice:
     kernel: str
     reason: str
     times_us: tuple[tuple[str, float], ...] = ()
+    n_in: int = 0  # the layer's fan-in (inputs of one slice's neuron before masking)
+    n_slices: int = 1  # layers stacked in the kernel (nn.scan / nnx.vmap); fan_in and n_active: the largest
 
     def row(self) -> dict[str, Any]:
         """A flat dict (for tables, JSON)."""
@@ -78,8 +87,9 @@ def format_choices(choices: Sequence[LayerChoice]) -> str:
     lines = [head, "-" * len(head)]
     for c in choices:
         times = " ".join(f"{n}={t:.0f}" for n, t in c.times_us)
+        active = f"{c.n_active}/{c.n_out}" + (f" x{c.n_slices}" if c.n_slices > 1 else "")
         lines.append(f"{c.path:<28} {c.module:<7} {str(c.kernel_shape):<18} {str(c.fan_in or '-'):>5} "
-                     f"{f'{c.n_active}/{c.n_out}':>11}  {c.kernel:<17} {times}  [{c.reason}]")
+                     f"{active:>11}  {c.kernel:<17} {times}  [{c.reason}]")
     return "\n".join(lines)
 
 
@@ -167,42 +177,72 @@ class _Layer:
     kernel: np.ndarray
     mask: np.ndarray
     bias: np.ndarray | None
-    stats: LayerStats
-    reason: str  # why it is not sparse constant fan-in ('' if it is)
+    layout: Layout
+    stats: LayerStats  # of one slice (the largest active count and fan-in over slices)
+    reason: str  # why it cannot be replaced: not sparse constant fan-in, or a layout no module computes with
 
 
-def _layers(params: Params, masks: Params) -> dict[str, _Layer]:
-    """Every kernel layer of ``params`` with its checked boolean mask; errors name the tree that lacks a layer."""
+def _slice_stats(layout: Layout, kernel: np.ndarray, mask: np.ndarray) -> tuple[LayerStats, str]:
+    """Stats over the slices of a layer (each slice its own active neurons and k') and why it is not a
+    replaceable sparse constant fan-in layer ('' if it is)."""
+    counts = layout.to_slices(mask).sum(axis=1)  # (S, n)
+    active = counts > 0
+    bad = [s for s in range(layout.n_slices) if np.unique(counts[s][active[s]]).size > 1]
+    fan_in = None if bad else int(counts.max(initial=0))
+    stats = LayerStats(layout.slice_shape, fan_in, int(active.sum(axis=1).max(initial=0)), layout.n_neurons,
+                       bool(mask.all()), layout.n_slices)
+    if stats.dense_mask:
+        return stats, "dense mask"
+    if bad:
+        reason = "not constant fan-in" + (f" (slice {bad[0]})" if layout.n_slices > 1 else "")
+    elif np.any(kernel[~mask] != 0):
+        reason = "nonzero weights outside the mask"
+    else:
+        reason = module_layout_problem(layout)
+    return stats, reason
+
+
+def _layers(params: Params, masks: Params, *, stack_axes: Mapping[str, Axes] | None = None,
+            neuron_axes: Mapping[str, Axes] | None = None, kernels: Mapping[str, str] | None = None
+            ) -> dict[str, _Layer]:
+    """Every kernel layer of ``params`` with its checked boolean mask and its layout (the declarations as in
+    training; layers that run as written, dense masks or ``kernels={path: "dense"}``, may stay ambiguous);
+    errors name the tree that lacks a layer."""
     params, masks = as_plain_dict(params), as_plain_dict(masks)
     param_layers = kernel_layers(params)
     extra = sorted(set(kernel_layers(masks)) - set(param_layers))
     if extra:
         raise KeyError(f"the params tree lacks {extra[0]!r}/kernel, which the masks tree has "
                        f"({len(extra)} such layers)")
-    out = {}
+    arrays = {}
     for path in param_layers:
         kernel = np.asarray(get_path(params, f"{path}/kernel", "params"))
         mask = check_bool_mask(get_path(masks, f"{path}/kernel", "masks"), f"masks {path}/kernel")
         if mask.shape != kernel.shape:
             raise ValueError(f"{path}: masks kernel shape {mask.shape} != params kernel shape {kernel.shape}")
+        arrays[path] = kernel, mask
+    as_written = {p for p, (_, m) in arrays.items() if m.all() or _override(p, kernels) == DENSE.name}
+    layouts = layer_layouts({p: k.shape for p, (k, _) in arrays.items()}, stack_axes=stack_axes,
+                            neuron_axes=neuron_axes, lenient=as_written)
+    out = {}
+    for path, (kernel, mask) in arrays.items():
         layer_params = get_path(params, path)
         bias = np.asarray(layer_params["bias"]) if "bias" in layer_params else None
-        m2 = as_matrix(mask)
-        try:
-            active, k = constant_fan_in(m2, path)
-            reason, fan_in = "", k
-        except ValueError:
-            active, fan_in = np.flatnonzero(m2.any(axis=0)), None
-            reason = "not constant fan-in"
-        dense = bool(mask.all())
-        if dense:
-            reason = "dense mask"
-        if not dense and np.any(np.asarray(kernel)[~mask] != 0):
-            reason = reason or "nonzero weights outside the mask"
-        out[path] = _Layer(path, kernel, mask, bias,
-                           LayerStats(tuple(kernel.shape), fan_in, int(active.size), int(kernel.shape[-1]), dense),
-                           reason)
+        stats, reason = _slice_stats(layouts[path], kernel, mask)
+        out[path] = _Layer(path, kernel, mask, bias, layouts[path], stats, reason)
     return out
+
+
+def _prepare(layer: _Layer, name: str, call: LayerCall, first_slice: bool = False) -> dict[str, Array]:
+    """Kernel ``name``'s variables for ``layer``: one slice at a time (padded exactly to the largest slice),
+    stacked on the leading stack axes; ``first_slice``: only the first slice's (for timing)."""
+    shape = layer.layout.slice_shape
+
+    def one(kernel, mask, bias):
+        return KERNELS[name].prepare(kernel.reshape(shape), mask.reshape(shape), bias, call)
+
+    variables = map_slices(layer.layout, layer.kernel, layer.mask, layer.bias, layer.path, one, first_slice)
+    return {k: jnp.asarray(v) for k, v in variables.items()}
 
 
 def _override(path: str, kernels: Mapping[str, str] | None) -> str | None:
@@ -270,7 +310,7 @@ def _measure_layer(layer: _Layer, call: LayerCall, inputs: Sequence[jax.ShapeDty
     fns = {}
     for name in names:
         kern = KERNELS[name]
-        variables = kern.prepare(layer.kernel, layer.mask, layer.bias, call)
+        variables = _prepare(layer, name, call, first_slice=True)
         fn = jax.jit(lambda v, x, kern=kern: kern.apply(v, x, call))
         fns[name] = lambda fn=fn, variables=variables: [fn(variables, x) for x in xs]
     return _time_interleaved(fns, timing)
@@ -283,9 +323,10 @@ def _measure_layer(layer: _Layer, call: LayerCall, inputs: Sequence[jax.ShapeDty
 class CondensedModel:
     """An unchanged linen model with its constant fan-in layers run by the chosen kernels (a pytree).
 
-    ``variables``: ``{"model": the model's variables without the replaced layers' params, "layers": the
-    replaced layers' kernel variables, nested by path}`` (plain dicts of arrays: save them with Orbax and put
-    them back with :meth:`with_variables`). ``choices``: one :class:`LayerChoice` per kernel layer.
+    ``variables``: the model's variables with each replaced layer's params ``{kernel, bias}`` replaced by its
+    kernel's variables (e.g. ``{values, indices, bias, active}``; a stacked layer's with the stack axes leading,
+    so that ``nn.scan`` slices them as it sliced the kernel); plain dicts of arrays: save them with Orbax and
+    put them back with :meth:`with_variables`. ``choices``: one :class:`LayerChoice` per kernel layer.
     ``fast(*args, **kwargs)`` equals ``model.apply(variables, *args, **kwargs)``; so does
     ``fast.apply(fast.variables, *args, **kwargs)`` (the functional form, for ``jax.jit`` with the variables as
     arguments rather than constants).
@@ -305,9 +346,9 @@ class CondensedModel:
 
     def apply(self, variables: Params, *args: Any, **kwargs: Any) -> Any:
         """``model.apply`` with the replaced layers' calls intercepted."""
-        routes = {c.path: c.kernel for c in self.choices if c.kernel != DENSE.name}
-        with nn.intercept_methods(_router(routes, variables["layers"])):
-            return self.model.apply(variables["model"], *args, **kwargs)
+        routes = {c.path: c for c in self.choices if c.kernel != DENSE.name}
+        with nn.intercept_methods(_router(routes)):
+            return self.model.apply(variables, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply(self.variables, *args, **kwargs)
@@ -323,21 +364,37 @@ class CondensedModel:
         return format_choices(self.choices)
 
 
-def _router(routes: Mapping[str, str], layer_vars: Params):
-    """An interceptor running each routed module's ``__call__`` with its kernel."""
+def _call_fan_in(call: LayerCall, x: Array) -> int:
+    """The fan-in a module call contracts over: its trailing input axes, or a conv's window times channels."""
+    if call.op == CONV:
+        return int(np.prod(call.window)) * int(x.shape[-1])
+    return int(np.prod(x.shape[len(x.shape) - call.n_in_axes:]))
+
+
+def _router(routes: Mapping[str, LayerChoice]):
+    """An interceptor running each routed module's ``__call__`` with its kernel, on the kernel variables that
+    replaced the module's params (inside ``nn.scan`` the module's scope holds its own slice of them)."""
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = _module_path(context.module)
-        name = routes.get(path)
-        if name is None:
+        choice = routes.get(path)
+        if choice is None:
             return next_fun(*args, **kwargs)
         call = layer_call(context.module)
         if isinstance(call, str):
-            raise ValueError(f"condensed layer {path!r} ({name}) is called through a module it cannot replace: "
-                             f"{call}; pass kernels={{{path!r}: 'dense'}}")
+            raise ValueError(f"condensed layer {path!r} ({choice.kernel}) is called through a module it cannot "
+                             f"replace: {call}; pass kernels={{{path!r}: 'dense'}}")
         x = args[0] if args else kwargs["inputs"]
-        return KERNELS[name].apply(get_path(layer_vars, path, "condensed layers"), x, call)
+        features = _ints(getattr(context.module, "features", choice.n_out), 1)
+        if _call_fan_in(call, x) != choice.n_in or int(np.prod(features)) != choice.n_out:
+            raise ValueError(
+                f"condensed layer {path!r}: the module computes {_call_fan_in(call, x)} -> {int(np.prod(features))} "
+                f"features, its condensed layer {choice.n_in} -> {choice.n_out} (kernel {choice.kernel_shape}, "
+                f"{choice.n_slices} slice(s)); declare stacked kernels with stack_axes= as in training, or pass "
+                f"kernels={{{path!r}: 'dense'}}")
+        variables = dict(context.module.variables.get("params", {}))
+        return KERNELS[choice.kernel].apply(variables, x, call)
     return interceptor
 
 
@@ -393,6 +450,27 @@ def _static_choice(layer: _Layer, call: LayerCall, x_dtype: Any) -> str:
     return DENSE.name
 
 
+def _record(layer: _Layer, module: str, input_shapes: tuple[tuple[int, ...], ...]) -> dict[str, Any]:
+    """The facts of a :class:`LayerChoice` besides the choice."""
+    stats, layout = layer.stats, layer.layout
+    return dict(path=layer.path, module=module, kernel_shape=layout.shape, input_shapes=input_shapes,
+                fan_in=stats.fan_in, n_active=stats.n_active, n_out=stats.n_out, n_in=layout.fan_in,
+                n_slices=layout.n_slices)
+
+
+def _check_module_kernel(layer: _Layer, module: str, kernel_shape: tuple[int, ...] | None) -> None:
+    """The kernel the module computes with must be one slice of the layer's layout."""
+    layout = layer.layout
+    if kernel_shape is not None and tuple(kernel_shape) != layout.slice_shape:
+        raise ValueError(
+            f"model layer {layer.path!r} ({module}) cannot be matched to its mask: the module computes with a "
+            f"kernel of shape {tuple(kernel_shape)}, the params/masks trees hold {layout.shape}, whose layout "
+            f"(stack axes {layout.stack_axes}) gives slices of shape {layout.slice_shape}. A stacked layer "
+            f"(nn.scan / nn.vmap / nnx.vmap) needs the stack_axes= declaration given to training, e.g. "
+            f"stack_axes={{{layer.path + '/'!r}: 0}}; or pass kernels={{{layer.path!r}: 'dense'}} to run it as "
+            "it is")
+
+
 def _decide(layer: _Layer, entry: _Seen | None, call: LayerCall | str, override: str | None, measuring: bool,
             timing: Timing, measured: dict) -> LayerChoice:
     """One layer's kernel: the override, else dense with a reason, else the fixed rule or the measurement
@@ -400,16 +478,11 @@ def _decide(layer: _Layer, entry: _Seen | None, call: LayerCall | str, override:
     path, stats = layer.path, layer.stats
     inputs = tuple(entry.inputs) if entry else ()
     x_dtype = inputs[0].dtype if inputs else layer.kernel.dtype
-    record = dict(path=path, module=entry.module if entry else "", kernel_shape=stats.kernel_shape,
-                  input_shapes=tuple(s.shape for s in inputs), fan_in=stats.fan_in, n_active=stats.n_active,
-                  n_out=stats.n_out)
+    record = _record(layer, entry.module if entry else "", tuple(s.shape for s in inputs))
     if override == DENSE.name:
         return LayerChoice(**record, kernel=DENSE.name, reason="kernels= override")
-    if entry is not None and entry.kernel_shape != stats.kernel_shape:
-        raise ValueError(
-            f"model layer {path!r} ({entry.module}) cannot be matched to its mask: the module sees a kernel of shape "
-            f"{entry.kernel_shape}, the params/masks trees hold {stats.kernel_shape} (a lifted or stacked "
-            f"layer?); pass kernels={{{path!r}: 'dense'}} to run it as it is")
+    if entry is not None:
+        _check_module_kernel(layer, entry.module, entry.kernel_shape)
     if measuring and entry is None:
         reason = "not called as nn.Dense / nn.Conv / nn.DenseGeneral by the model"
     else:
@@ -440,28 +513,27 @@ def _decide(layer: _Layer, entry: _Seen | None, call: LayerCall | str, override:
 
 def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, example: Any,
                     apply_kwargs: Mapping[str, Any] | None, batch_size: int | None,
-                    kernels: Mapping[str, str] | None, timing: Timing, check_model: bool) -> CondensedModel:
+                    kernels: Mapping[str, str] | None, timing: Timing, check_model: bool,
+                    stack_axes: Mapping[str, Axes] | None, neuron_axes: Mapping[str, Axes] | None
+                    ) -> CondensedModel:
     variables = as_plain_dict(variables)
     if "params" not in variables:
         raise KeyError("variables has no 'params' collection (pass the dict model.init returned)")
     apply_kwargs = dict(apply_kwargs or {})
     _check_kernel_names(kernels)
-    layers = _layers(variables["params"], masks)
+    layers = _layers(variables["params"], masks, stack_axes=stack_axes, neuron_axes=neuron_axes, kernels=kernels)
     structs = _as_example(example, batch_size) if example is not None else None
     seen = _record_calls(model, variables, structs, apply_kwargs) if structs is not None else {}
     measured: dict = {}
-    choices, layer_vars, model_params = [], {}, variables["params"]
+    choices, model_params = [], variables["params"]
     for path, layer in layers.items():
         entry = seen.get(path)
         call = entry.call if entry else _guess_call(layer)
         choice = _decide(layer, entry, call, _override(path, kernels), structs is not None, timing, measured)
         choices.append(choice)
         if choice.kernel != DENSE.name:
-            variables_ = KERNELS[choice.kernel].prepare(layer.kernel, layer.mask, layer.bias, call)
-            layer_vars = set_path(layer_vars, path, variables_)
-            model_params = _drop_path(model_params, path)
-    fast = CondensedModel({"model": {**variables, "params": model_params}, "layers": layer_vars}, model,
-                          tuple(choices))
+            model_params = set_path(model_params, path, _prepare(layer, choice.kernel, call))
+    fast = CondensedModel({**variables, "params": model_params}, model, tuple(choices))
     if check_model and any(c.kernel != DENSE.name and c.times_us for c in choices):
         fast = _check_whole_model(fast, variables, structs, apply_kwargs, timing)
     return fast
@@ -473,24 +545,15 @@ def _check_kernel_names(kernels: Mapping[str, str] | None) -> None:
 
 
 def _guess_call(layer: _Layer) -> LayerCall | str:
-    """Without an example the calls are unknown: a 2-D kernel is taken for a linear layer, 4-D for a conv whose
-    stride and padding the interceptor reads from the module at run time (checked there)."""
-    ndim = len(layer.stats.kernel_shape)
+    """Without an example the calls are unknown: a 2-D kernel (slice) is taken for a linear layer, 4-D for a conv
+    whose stride and padding the interceptor reads from the module at run time (checked there)."""
+    shape = layer.layout.slice_shape
+    ndim = len(shape)
     if ndim == 2:
         return LayerCall(LINEAR)
     if ndim == 4:
-        return LayerCall(CONV, window=layer.stats.kernel_shape[:2], strides=(1, 1), padding="SAME")
+        return LayerCall(CONV, window=shape[:2], strides=(1, 1), padding="SAME")
     return f"{ndim}-D kernel without an example input"
-
-
-def _drop_path(tree: Params, path: str) -> Params:
-    head, _, rest = path.partition("/")
-    out = dict(tree)
-    if rest:
-        out[head] = _drop_path(tree[head], rest)
-    else:
-        del out[head]
-    return out
 
 
 def _check_whole_model(fast: CondensedModel, variables: Params, structs: tuple, apply_kwargs: Mapping[str, Any],
@@ -505,17 +568,15 @@ def _check_whole_model(fast: CondensedModel, variables: Params, structs: tuple, 
     wins = float(np.mean(t["condensed"] < t["dense"]))
     if ratio >= 1.0 and wins >= 0.5:
         return fast
-    choices, model_params, layer_vars = [], variables["params"], {}
+    choices, model_params = [], variables["params"]
     for c in fast.choices:
         if c.kernel != DENSE.name and c.times_us:  # measured choices fall back; kernels= overrides stay
             c = dataclasses.replace(c, kernel=DENSE.name, reason=f"whole model only {ratio:.2f}x dense (wins "
                                     f"{wins:.0%}): measured layers dense; was {c.kernel}: {c.reason}")
         elif c.kernel != DENSE.name:
-            layer_vars = set_path(layer_vars, c.path, get_path(fast.variables["layers"], c.path))
-            model_params = _drop_path(model_params, c.path)
+            model_params = set_path(model_params, c.path, get_path(fast.variables["params"], c.path))
         choices.append(c)
-    return CondensedModel({"model": {**variables, "params": model_params}, "layers": layer_vars}, fast.model,
-                          tuple(choices))
+    return CondensedModel({**variables, "params": model_params}, fast.model, tuple(choices))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -555,14 +616,25 @@ def _nnx_parent_set(root: Any, path: tuple, value: Any) -> None:
         setattr(parent, key, value)
 
 
-def _condense_nnx(module: nnx.Module, masks: Any, *, kernels: Mapping[str, str] | None
+def _nnx_kernel_shape(module: nnx.Module) -> tuple[int, ...]:
+    """The kernel shape an nnx.Linear / nnx.Conv computes with (one slice of a stacked module's kernel)."""
+    if isinstance(module, nnx.Linear):
+        return (module.in_features, module.out_features)
+    window = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    return (*window, module.in_features // module.feature_group_count, module.out_features)
+
+
+def _condense_nnx(module: nnx.Module, masks: Any, *, kernels: Mapping[str, str] | None,
+                  stack_axes: Mapping[str, Axes] | None, neuron_axes: Mapping[str, Axes] | None,
                   ) -> tuple[nnx.Module, tuple[LayerChoice, ...]]:
-    """A copy of ``module`` with its sparse nnx.Linear / nnx.Conv layers replaced (fixed rule or override)."""
+    """A copy of ``module`` with its sparse nnx.Linear / nnx.Conv layers replaced (fixed rule or override).
+    A stacked module (``nnx.vmap``-created, run by ``nnx.scan`` / ``nnx.vmap``) is replaced by one
+    :class:`CondensedLayer` holding every slice's variables stacked on the leading axes."""
     _check_kernel_names(kernels)
     module = nnx.clone(module)
     params = _nested(named_leaves(nnx.state(module, nnx.Param))[0])
     mask_tree = _nested(named_leaves(masks)[0])
-    layers = _layers(params, mask_tree)
+    layers = _layers(params, mask_tree, stack_axes=stack_axes, neuron_axes=neuron_axes, kernels=kernels)
     modules = {"/".join(str(p) for p in path): (path, node) for path, node in nnx.iter_graph(module)
                if isinstance(node, (nnx.Linear, nnx.Conv))}
     choices = []
@@ -570,13 +642,12 @@ def _condense_nnx(module: nnx.Module, masks: Any, *, kernels: Mapping[str, str] 
         found = modules.get(path)
         call = layer_call(found[1]) if found else "not an nnx.Linear / nnx.Conv"
         override = _override(path, kernels)
-        record = dict(path=path, module=type(found[1]).__name__ if found else "",
-                      kernel_shape=layer.stats.kernel_shape, input_shapes=(), fan_in=layer.stats.fan_in,
-                      n_active=layer.stats.n_active, n_out=layer.stats.n_out)
+        record = _record(layer, type(found[1]).__name__ if found else "", ())
         reason = call if isinstance(call, str) else layer.reason
         if override == DENSE.name or (reason and override in (None, AUTO)):
             choices.append(LayerChoice(**record, kernel=DENSE.name, reason=reason or "kernels= override"))
             continue
+        _check_module_kernel(layer, record["module"], _nnx_kernel_shape(found[1]))
         if override not in (None, AUTO):
             why = reason or KERNELS[override].unsupported(call, layer.stats, layer.kernel.dtype)
             if why:
@@ -586,8 +657,7 @@ def _condense_nnx(module: nnx.Module, masks: Any, *, kernels: Mapping[str, str] 
             name, why = _static_choice(layer, call, layer.kernel.dtype), "fixed rule (NNX: no measurement)"
         choices.append(LayerChoice(**record, kernel=name, reason=why))
         if name != DENSE.name:
-            variables = KERNELS[name].prepare(layer.kernel, layer.mask, layer.bias, call)
-            _nnx_parent_set(module, found[0], CondensedLayer(name, call, variables))
+            _nnx_parent_set(module, found[0], CondensedLayer(name, call, _prepare(layer, name, call)))
     return module, tuple(choices)
 
 
@@ -608,6 +678,7 @@ def _nested(flat: Sequence[tuple[str, Any]]) -> Params:
 def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
              apply_kwargs: Mapping[str, Any] | None = None, batch_size: int | None = None,
              kernels: Mapping[str, str] | None = None, timing: Timing = Timing(), check_model: bool = True,
+             stack_axes: Mapping[str, Axes] | None = None, neuron_axes: Mapping[str, Axes] | None = None,
              ) -> CondensedModel | nnx.Module:
     """Run a trained constant fan-in model fast: every sparse layer by the kernel that is fastest for it.
 
@@ -627,16 +698,23 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
         "auto". A sparse layer the named kernel cannot run is an error; dense-mask layers run as they are.
       timing: repetitions, budget and the margin a kernel must beat dense by (:class:`Timing`).
       check_model: after the per-layer choice, time the whole model and fall back to dense if it is slower.
+      stack_axes, neuron_axes: the layout declarations given to training (``sj.SRigL(stack_axes=...)``; see
+        :mod:`srigl_jax.layout`), e.g. ``stack_axes={"blocks/": 0}`` for ``nn.scan`` / ``nnx.vmap`` blocks: each
+        slice is condensed with its own active neurons and k', padded exactly to the largest slice, and the
+        stacked variables replace the layer's params, so the model's scan runs them slice by slice.
 
-    Errors: a masks tree lacking a layer (KeyError naming the tree and path), non-boolean masks, a model layer
-    that cannot be matched to its mask (lifted / stacked layers: run them as they are with ``kernels=``).
+    Errors: a masks tree lacking a layer (KeyError naming the tree and path), non-boolean masks, a sparse
+    kernel whose layout is ambiguous (a 3-D kernel: declare it as in training), a model layer that cannot be
+    matched to its mask (a stacked layer without its ``stack_axes`` declaration; or run it as it is with
+    ``kernels={path: "dense"}``).
     Layers that are dense, not constant fan-in, not nn.Dense / nn.Conv / nn.DenseGeneral calls, or hold
     nonzero weights outside their mask run as they are (the choice records why).
     """
     if isinstance(model, nnx.Module):
         if len(trees) != 1:
             raise TypeError("condense(nnx_module, masks): pass exactly the masks")
-        fast, choices = _condense_nnx(model, trees[0], kernels=kernels)
+        fast, choices = _condense_nnx(model, trees[0], kernels=kernels, stack_axes=stack_axes,
+                                      neuron_axes=neuron_axes)
         fast.condense_choices = choices
         return fast
     if not isinstance(model, nn.Module):
@@ -644,4 +722,5 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
     if len(trees) != 2:
         raise TypeError("condense(linen_model, variables, masks): pass the variables and the masks")
     return _condense_linen(model, trees[0], trees[1], example=example, apply_kwargs=apply_kwargs,
-                           batch_size=batch_size, kernels=kernels, timing=timing, check_model=check_model)
+                           batch_size=batch_size, kernels=kernels, timing=timing, check_model=check_model,
+                           stack_axes=stack_axes, neuron_axes=neuron_axes)

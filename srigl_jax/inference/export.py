@@ -13,14 +13,16 @@ Masks must be boolean (a float mask such as 0.5 is an error, never read as True)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.inference.layers import as_matrix, as_plain_dict, kernel_layers
+from srigl_jax.inference.layers import (as_matrix, as_plain_dict, kernel_layers, layer_layouts, map_slices,
+                                        module_layout_problem)
 from srigl_jax.inference.ops import CondensedLinear, index_dtype_for
+from srigl_jax.layout import Axes
 from srigl_jax.paths import natural_key
 
 Array = jax.Array
@@ -158,27 +160,49 @@ def condensed_variables(layer: CondensedLinear) -> dict[str, Array]:
 # Whole models
 # --------------------------------------------------------------------------------------------------------------
 def export_condensed(params: Params, masks: Params, layers: Sequence[str] | None = None,
-                     condense_dense_layers: bool = False, pad_fan_in: bool = False) -> Params:
+                     condense_dense_layers: bool = False, pad_fan_in: bool = False, *,
+                     stack_axes: Mapping[str, Axes] | None = None, neuron_axes: Mapping[str, Axes] | None = None,
+                     ) -> Params:
     """Replace each constant fan-in layer's {kernel, bias} by condensed {values, indices, bias, active}.
 
     ``layers``: paths of the layers to condense (default: every dict holding a 'kernel'; layers whose mask
-    is all True are kept dense unless ``condense_dense_layers``). Other params pass through. Conv kernels
-    (kh, kw, in, out) are condensed over their kh*kw*in fan-in (run them with :class:`CondensedConv`).
-    Raises ValueError naming the layer if a mask is not constant fan-in, unless ``pad_fan_in`` (needed after
-    :func:`export_structured`, which drops inputs from removed neurons: fan-ins then differ; shorter neurons
-    are padded with zero weights); KeyError naming the tree (params or masks) that lacks a layer.
+    is all True are kept dense unless ``condense_dense_layers``). Other params pass through. Each layer is
+    viewed through its :class:`~srigl_jax.layout.Layout` (``stack_axes`` / ``neuron_axes``: the declarations
+    given to training, :func:`srigl_jax.inference.layers.layer_layouts`): a layer's neurons are its neuron axes
+    (row-major), its fan-in the other axes (a Conv kernel (kh, kw, in, out) is condensed over kh*kw*in: run it
+    with :class:`CondensedConv`). A stacked layer (``nn.scan``) gets every variable with the stack axes leading,
+    (S, n_active, k) etc., each slice condensed on its own and padded exactly to the largest slice
+    (:func:`~srigl_jax.inference.layers.pad_slices`), so ``nn.scan`` slices it as it sliced the kernel.
+    Raises ValueError naming the layer (and slice) if a mask is not constant fan-in, unless ``pad_fan_in``
+    (needed after :func:`export_structured`, which drops inputs from removed neurons: fan-ins then differ;
+    shorter neurons are padded with zero weights), and for a kernel whose layout is ambiguous (declare it);
+    KeyError naming the tree (params or masks) that lacks a layer.
     """
     params, masks = as_plain_dict(params), as_plain_dict(masks)
+    order = list(default_layer_order(params) if layers is None else layers)
+    kernels = {p: np.asarray(get_path(params, f"{p}/kernel", "params")) for p in order}
+    layer_masks = {p: layer_mask(masks, p) for p in order}
+    for p in order:
+        if layer_masks[p].shape != kernels[p].shape:
+            raise ValueError(f"{p}: kernel shape {kernels[p].shape} != mask shape {layer_masks[p].shape}")
+    kept = {p for p in order if layer_masks[p].all() and not condense_dense_layers}
+    layouts = layer_layouts({p: kernels[p].shape for p in order}, stack_axes=stack_axes, neuron_axes=neuron_axes,
+                            lenient=kept)
     out = params
-    for path in (default_layer_order(params) if layers is None else layers):
-        kernel = np.asarray(get_path(params, f"{path}/kernel", "params"))
-        mask = layer_mask(masks, path)
-        if mask.all() and not condense_dense_layers:
+    for path in order:
+        if path in kept:
             continue
-        layer_params = get_path(params, path)
-        cond = condense_kernel(as_matrix(kernel), as_matrix(mask), layer_params.get("bias"), name=path,
-                               pad_fan_in=pad_fan_in)
-        out = set_path(out, path, condensed_variables(cond))
+        layout = layouts[path]
+        mask_slices = layout.to_slices(layer_masks[path])
+        for s in range(layout.n_slices):
+            constant_fan_in(mask_slices[s], path if layout.n_slices == 1 else f"{path} slice {s}", pad_fan_in)
+
+        def one(kernel, mask, bias, path=path):
+            return condensed_variables(condense_kernel(kernel, mask, bias, name=path, pad_fan_in=pad_fan_in))
+
+        variables = map_slices(layout, kernels[path], layer_masks[path], get_path(params, path).get("bias"), path,
+                               one)
+        out = set_path(out, path, {k: jnp.asarray(v) for k, v in variables.items()})
     return out
 
 
@@ -204,7 +228,7 @@ def _fold_removed_inputs(next_kernel: np.ndarray, next_bias: np.ndarray, removed
 
 def export_structured(params: Params, masks: Params, layer_order: Sequence[str] | None = None, *,
                       activation: Callable[[Array], Array] = jax.nn.relu, conv_padding: str = "SAME",
-                      ) -> tuple[Params, Params]:
+                      neuron_axes: Mapping[str, Axes] | None = None) -> tuple[Params, Params]:
     """Remove ablated neurons of a sequential net and return a smaller (params, masks) pair.
 
     For every layer but the last in ``layer_order`` (default :func:`default_layer_order`), output neurons whose
@@ -216,6 +240,8 @@ def export_structured(params: Params, masks: Params, layer_order: Sequence[str] 
     Not supported (wrong results): normalisation or residual/branching between listed layers. Conv -> conv with
     'SAME' padding is exact only if the removed channels' activation(bias) is 0 (the zero border would differ
     from the constant); otherwise a ValueError says so (pass conv_padding="VALID" if the convs are VALID).
+    Layers must be unstacked with their neurons on the last axis (their :class:`~srigl_jax.layout.Layout`;
+    ``neuron_axes`` declares an ambiguous 3-D kernel, e.g. ``{"proj": -1}``); anything else is a ValueError.
     Host-side (not jit-able); returns plain nested dicts.
     """
     params, masks = as_plain_dict(params), as_plain_dict(masks)
@@ -223,11 +249,18 @@ def export_structured(params: Params, masks: Params, layer_order: Sequence[str] 
     if len(order) < 1:
         raise ValueError("export_structured: no layers (dicts holding a 'kernel') found")
     layer_masks = {p: layer_mask(masks, p) for p in order}
+    layouts = layer_layouts({p: layer_masks[p].shape for p in order}, neuron_axes=neuron_axes)
+    for p, layout in layouts.items():
+        problem = module_layout_problem(layout) or (f"it is stacked ({layout.n_slices} slices)"
+                                                    if layout.stack_axes else "")
+        if problem:
+            raise ValueError(f"export_structured removes neurons of sequential unstacked layers with neurons on "
+                             f"the last axis; {p!r}: {problem} (use export_condensed or sj.condense)")
     kernels = {p: np.asarray(get_path(params, f"{p}/kernel")) * layer_masks[p] for p in order}
     biases = {p: (np.asarray(get_path(params, p)["bias"]) if "bias" in get_path(params, p)
                   else np.zeros(kernels[p].shape[-1], kernels[p].dtype)) for p in order}
     for path, nxt in zip(order[:-1], order[1:]):
-        alive = as_matrix(layer_masks[path]).any(axis=0)
+        alive = as_matrix(layer_masks[path]).any(axis=0)  # neurons last: checked above
         removed = np.flatnonzero(~alive)
         if removed.size == 0:
             continue

@@ -1,7 +1,8 @@
 """Per-layer kernels that :func:`srigl_jax.condense` chooses from, and the call description they run on.
 
 A kernel turns one layer's (kernel, mask, bias) into its own variables (host-side, once) and runs the layer's
-call on them (jit-able). Built in:
+call on them (jit-able). ``prepare`` sees one layer slice in the layout its module computes with (neurons on the
+last axis; a stacked layer's slices one at a time, padded to a common shape, then stacked by ``condense``). Built in:
 
 ==================  ======  ==========================================================================
 name                op      what runs
@@ -59,13 +60,16 @@ class LayerCall:
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-    """A layer's mask, summarised: shapes, fan-in k (None: not constant fan-in), active (non-ablated) neurons."""
+    """A layer's mask, summarised: the kernel shape one call computes with, fan-in k (None: not constant
+    fan-in), active (non-ablated) neurons. For a stacked layer (``n_slices`` > 1), one slice: k and n_active are
+    the largest over slices (the others are padded exactly to them)."""
 
     kernel_shape: tuple[int, ...]
     fan_in: int | None
     n_active: int
     n_out: int
     dense_mask: bool
+    n_slices: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
