@@ -16,6 +16,15 @@ import jax  # noqa: E402  (first, so that the cache settings below reach only th
 jax.config.update("jax_compilation_cache_dir", None)
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="srigl_jax_test_compile_cache_"))
+# pytest-xdist (`-n 2` in CI): each worker inherits the controller's folder and takes a sub-folder of its own.
+# JAX writes cache entries in place (no temporary file + rename) and reads them without a lock when no size
+# limit is set, so two workers whose subprocesses compile the same program at the same time could read a
+# half-written entry. The controller's session end removes the whole folder.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _OWN_CACHE = False
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                                           os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402

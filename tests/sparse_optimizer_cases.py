@@ -94,6 +94,13 @@ def assert_sparse_invariants(params, masks):
         assert (np.asarray(params[path]["kernel"])[~m] == 0).all()        # inactive weights exactly 0
 
 
+@pytest.fixture(params=[True, pytest.param(False, marks=pytest.mark.slow)], ids=["jit", "eager"])
+def compiled(request) -> bool:
+    """Whether the loops below compile their steps (CI) or call the transformation eagerly (slow: an eager update
+    re-traces and re-compiles its conditionals on every call, minutes on 2 cores). Same assertions either way."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def plain_run():
     model, params, tx = linen_setup()
@@ -129,7 +136,7 @@ def test_flax_train_state_loop_is_unchanged_and_identical(plain_run):
     assert int(state.step) == N_STEPS
 
 
-def test_nnx_optimizer_loop_is_unchanged_and_identical():
+def test_nnx_optimizer_loop_is_unchanged_and_identical(compiled):
     """nnx.Optimizer keeps its state as OptVariables; the transformation sees plain arrays and gives, bit for
     bit, what a plain optax loop gives on the same gradients."""
     algo = make_algo()
@@ -143,13 +150,20 @@ def test_nnx_optimizer_loop_is_unchanged_and_identical():
     def loss(model, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
+    def user_step(model, optimizer, x, y):   # the user's unchanged NNX step
+        grads = nnx.grad(loss)(model, x, y)
+        optimizer.update(model, grads)
+        return grads
+
     tx = make_tx()
+    reference_update = tx.update
+    if compiled:   # the user's step under nnx.jit, the reference update under jax.jit
+        user_step, reference_update = nnx.jit(user_step), jax.jit(tx.update)
     reference = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     opt_state = tx.init(reference)
     for i in range(N_STEPS):
-        grads = nnx.grad(loss)(model, *batch(i))
-        optimizer.update(model, grads)   # the user's unchanged NNX step
-        updates, opt_state = tx.update(nnx.to_pure_dict(grads), opt_state, reference)
+        grads = user_step(model, optimizer, *batch(i))
+        updates, opt_state = reference_update(nnx.to_pure_dict(grads), opt_state, reference)
         reference = optax.apply_updates(reference, updates)
         assert_trees_bitwise_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), reference)
     got_masks = sj.get_masks(optimizer.opt_state)
@@ -163,17 +177,18 @@ def test_nnx_optimizer_loop_is_unchanged_and_identical():
     assert jax.tree.structure(reset) == jax.tree.structure(inner_state)
 
 
-def test_multisteps_counts_real_optimizer_steps():
+def test_multisteps_counts_real_optimizer_steps(compiled):
     """optax.MultiSteps(tx, k): the mask schedule (delta_t) counts real optimizer steps, not mini-batches."""
     k = 3
     model, params, tx = linen_setup()
     multi = optax.MultiSteps(tx, every_k_schedule=k)
     loss = linen_loss(model)
     opt_state = multi.init(params)
+    update = jax.jit(multi.update) if compiled else multi.update
     updated_at, real_steps = [], 0
     for i in range(k * 5):
         grads = jax.grad(loss)(params, *batch(i))
-        updates, opt_state = multi.update(grads, opt_state, params)
+        updates, opt_state = update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         sparse = sj.get_sparse_state(opt_state)
         if int(sparse.step) != real_steps:   # the wrapped transformation ran on this mini-batch
@@ -186,8 +201,9 @@ def test_multisteps_counts_real_optimizer_steps():
     assert_sparse_invariants(params, sj.get_masks(opt_state))
 
 
-def test_nonfinite_step_changes_nothing_and_reports_it():
+def test_nonfinite_step_changes_nothing_and_reports_it(compiled):
     model, params, tx = linen_setup(make_algo(delta_t=1))   # every step is an update step
+    update = jax.jit(tx.update) if compiled else tx.update
     opt_state = tx.init(params)
     grads = jax.grad(linen_loss(model))(params, *batch(0))
     params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
@@ -198,14 +214,14 @@ def test_nonfinite_step_changes_nothing_and_reports_it():
         else:
             p = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), params)
         before = opt_state._replace(step=jnp.int32(3))
-        updates, after = tx.update(g, before, p)
+        updates, after = update(g, before, p)
         assert all((np.asarray(u) == 0).all() for u in jax.tree.leaves(updates))
         info = after.info
         assert bool(info.nonfinite) and not bool(info.updated), bad
         assert_trees_bitwise_equal((after.masks, after.inner_state, after.grad_acc),
                                    (before.masks, before.inner_state, before.grad_acc))
         assert int(after.step) == 4   # a skipped step still counts: the schedule stays aligned with the data
-    updates, after = tx.update(grads, opt_state._replace(step=jnp.int32(3)), params)
+    updates, after = update(grads, opt_state._replace(step=jnp.int32(3)), params)
     assert bool(after.info.updated) and not bool(after.info.nonfinite)
 
 

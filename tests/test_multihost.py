@@ -29,7 +29,9 @@ RUN = ["--config", "mnist_mlp", "--train-subset", "512", "--batch-size", "64", "
        "--eval-every", "4", "--ckpt-every", "4", "--log-every", "1", "--eval-batch-size", "1000",
        "--progress", "false"]
 TIMEOUT = 240  # seconds for any one launch (all its processes)
-HEARTBEAT = 10
+HEARTBEAT = 10          # the lost-process tests: a killed process is noticed within this
+RUN_HEARTBEAT = 60      # every other launch: on a loaded 2-core box (CI runs 2 pytest workers) a 10 s timeout
+                        # once declared both healthy processes lost mid-run
 
 
 def _free_port() -> int:
@@ -51,12 +53,13 @@ def _env(devices: int) -> dict:
 class Launch:
     """``n`` processes of ``python -m train`` (each in its own process group), output in files."""
 
-    def __init__(self, workdir: Path, flags: list[str], n: int = 2, devices: int = 2, env: dict | None = None):
+    def __init__(self, workdir: Path, flags: list[str], n: int = 2, devices: int = 2, env: dict | None = None,
+                 heartbeat: int = RUN_HEARTBEAT):
         self.workdir, self.procs, self.logs = workdir, [], []
         port = _free_port()
         for i in range(n):
             launch = ["--num-processes", str(n), "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}",
-                      "--heartbeat-timeout", str(HEARTBEAT), "--init-timeout", "60"] if n > 1 else []
+                      "--heartbeat-timeout", str(heartbeat), "--init-timeout", "60"] if n > 1 else []
             out = workdir.parent / f"{workdir.name}.{i}.log"
             self.logs.append(out)
             with open(out, "w") as f:
@@ -216,7 +219,7 @@ def test_lost_process_stops_the_others_and_relaunch_resumes(tmp_path):
     with one line naming the lost process; re-launching both resumes from the last complete checkpoint."""
     wd = tmp_path / "killed"
     flags = RUN + ["--mode", "sharded", "--steps", "100000", "--log-every", "50", "--eval-every", "100000"]
-    launch = Launch(wd, flags)
+    launch = Launch(wd, flags, heartbeat=HEARTBEAT)
     try:
         deadline = time.time() + TIMEOUT
         while not (wd / "checkpoints" / "4" / "commit_success.txt").exists():

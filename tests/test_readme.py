@@ -28,3 +28,13 @@ def test_marked_readme_blocks_run():
     assert int(sj.get_sparse_state(namespace["state"]).step) == 1   # TrainState.create made a fresh state
     kernel, mask = namespace["params"]["hidden"]["kernel"], namespace["masks"]["hidden"]["kernel"]
     assert not kernel[~mask].any()   # the pieces keep inactive weights at exactly 0
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs exactly the test command the README gives (its first lines and the Tests section)."""
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    commands = [line for line in ci if line.startswith("python -m pytest")]
+    assert len(commands) == 1, commands
+    text = README.read_text()
+    assert f"\n{commands[0]}\n```" in text            # "Two commands", what CI runs
+    assert f"`{commands[0]}` (CI" in text               # the Tests section

@@ -33,6 +33,12 @@ def reference_column_top(score, eligible, counts):
     return out
 
 
+# Compiled once per shape (eager calls re-trace and re-compile the selection's loops on every call).
+_jit_top_n = jax.jit(top_n_mask)
+_jit_column_top = jax.jit(column_top_count_mask)
+# Its own function (so its own trace cache), only ever called while _SLAB_COLUMNS is patched: see the slab test.
+_jit_column_top_slab = jax.jit(lambda score, eligible, counts: column_top_count_mask(score, eligible, counts))
+
 # Few distinct values so that ties are common.
 scores_2d = st.tuples(st.integers(1, 7), st.integers(1, 9), st.integers(0, 2**31 - 1)).map(
     lambda t: np.random.default_rng(t[2]).integers(0, 4, size=(t[0], t[1])).astype(np.float32) / 2
@@ -65,9 +71,9 @@ def test_top_n_on_continuous_scores(seed, kind):
              "clustered": 1.0 + (rng.random(size) < 0.5) * 1e-6 * rng.random(size)}[kind].astype(np.float32)
     eligible = rng.random(size) < 0.9
     n = int(rng.integers(0, eligible.sum() + 1))
-    got = np.asarray(top_n_mask(jnp.asarray(score), jnp.asarray(eligible), n))
+    got = np.asarray(_jit_top_n(jnp.asarray(score), jnp.asarray(eligible), n))
     np.testing.assert_array_equal(got, reference_top_n(score, eligible, n))
-    cols = np.asarray(column_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.full(37, n // 37)))
+    cols = np.asarray(_jit_column_top(jnp.asarray(score), jnp.asarray(eligible), jnp.full(37, n // 37)))
     np.testing.assert_array_equal(cols, reference_column_top(score, eligible, np.full(37, n // 37)))
 
 
@@ -105,8 +111,6 @@ cases = st.builds(
     st.sampled_from(["special", "few", "wide", "ulps", "equal"]),
     st.integers(0, 2**31 - 1),
 )
-_jit_top_n = jax.jit(top_n_mask)
-_jit_column_top = jax.jit(column_top_count_mask)
 
 
 @settings(max_examples=300, deadline=None)
@@ -133,8 +137,9 @@ def test_column_top_count_on_a_slab_of_columns(case):
     """Force the gathered-slab passes (normally only for layers over 512 columns) on small layers."""
     score, eligible, rng = case
     counts = rng.integers(0, score.shape[0] + 2, size=score.shape[1])
-    with mock.patch.object(selection, "_SLAB_COLUMNS", 2):  # read while tracing: call without a jit cache
-        got = column_top_count_mask(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
+    # _SLAB_COLUMNS is read while tracing: a jitted function whose traces all happen under the patch
+    with mock.patch.object(selection, "_SLAB_COLUMNS", 2):
+        got = _jit_column_top_slab(jnp.asarray(score), jnp.asarray(eligible), jnp.asarray(counts))
     np.testing.assert_array_equal(np.asarray(got), reference_column_top(score, eligible, counts))
 
 
