@@ -278,7 +278,8 @@ def plot_study(study: Study, cell_list: list[dict], path: Path) -> Path:
         else:
             ax.set(xticks=range(len(sparsities)), xticklabels=[f"{s:g}" for s in sparsities], xlabel="sparsity",
                    ylabel=what, ylim=lim)
-            ax.legend(fontsize=7, loc="lower left")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower left")
     ax_acc.set_title("test accuracy (bars: mean; dots: seeds)")
     ax_act.set_title("active neurons")
     if rows:
