@@ -7,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from hypothesis import given, settings
@@ -17,8 +16,7 @@ import srigl_jax as sj
 from srigl_jax import _ffi_kernels
 from srigl_jax.inference import KERNELS, CondensedDense, CondensedLinear, Timing, densify, export_condensed
 from srigl_jax.inference.layers import pad_slices
-from tests.test_layout import NNXStacked, ScannedMLP
-from tests.test_layout import _train as train_steps
+from tests.test_layout import NNXStacked, ScannedMLP, scanned_mlp_trained_with_srigl
 from train.models import MLP, ResNet, SmallCNN, ViT, BasicBlock
 
 FAST_TIMING = Timing(reps=2, budget_s=0.05)  # the choice runs, its outcome is not asserted (shared CPUs)
@@ -378,18 +376,7 @@ def test_scanned_linen_model_equals_apply(kernel):
 
 
 def test_scanned_linen_model_trained_with_srigl_measured_and_fixed_rule():
-    model = ScannedMLP()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
-    algo = sj.SRigL(sparsity=0.9, delta_t=2, t_end=5, gamma_sal=0.9, stack_axes={"blocks/": 0},
-                    ablation_exempt=("head/",))
-    masks = algo.init_masks(params, jax.random.key(1))
-    params = algo.init_params(params, masks, jax.random.key(2))
-    tx = sj.sparse_optimizer(optax.sgd(0.1, momentum=0.9), algo, masks=masks, key=jax.random.key(3))
-
-    def loss(p, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
-
-    params, opt_state = train_steps(loss, params, tx)
+    model, algo, _, params, opt_state = scanned_mlp_trained_with_srigl()
     masks = sj.get_masks(opt_state)
     params, masks = with_stacked_masks(params, masks, "blocks/Dense_0", seed=4)   # ablation differs per slice
     variables = {"params": params}

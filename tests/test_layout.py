@@ -189,12 +189,11 @@ def _train(loss_fn, params, tx, n_steps=6):
     return params, opt_state
 
 
-def test_linen_scan_trains_with_constant_fan_in_per_slice():
+def scanned_mlp_trained_with_srigl():
+    """ScannedMLP trained 6 steps with SRigL (stack_axes on its scanned blocks, ablation): (model, algo, initial
+    masks, params, optimizer state)."""
     model = ScannedMLP()
     params = model.init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
-    assert params["blocks"]["Dense_0"]["kernel"].shape == (4, 32, 32)
-    with pytest.raises(ValueError, match="blocks/Dense_0/kernel.*stack_axes"):
-        sj.SRigL(sparsity=0.9, t_end=4).layer_plans(params)
     algo = sj.SRigL(sparsity=0.9, delta_t=2, t_end=5, gamma_sal=0.9, stack_axes={"blocks/": 0},
                     ablation_exempt=("head/",))
     masks = algo.init_masks(params, jax.random.key(1))
@@ -204,7 +203,15 @@ def test_linen_scan_trains_with_constant_fan_in_per_slice():
     def loss(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
 
-    params, opt_state = _train(loss, params, tx)
+    return (model, algo, masks, *_train(loss, params, tx))
+
+
+def test_linen_scan_trains_with_constant_fan_in_per_slice():
+    params = ScannedMLP().init(jax.random.key(0), jnp.zeros((1, 12)))["params"]
+    assert params["blocks"]["Dense_0"]["kernel"].shape == (4, 32, 32)
+    with pytest.raises(ValueError, match="blocks/Dense_0/kernel.*stack_axes"):
+        sj.SRigL(sparsity=0.9, t_end=4).layer_plans(params)
+    model, algo, masks, params, opt_state = scanned_mlp_trained_with_srigl()
     state = sj.get_sparse_state(opt_state)
     plans = algo.layer_plans(params)
     assert constant_fan_in_violations(params, state.masks, plans) == []
