@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.subprocess_env import fake_cpu_devices_env
+
 N_DEVICES = 4
 TRIALS = 49           # sets of per-device values; element e of the test vector carries set e % TRIALS
 LENGTH = TRIALS * 4800
@@ -117,10 +119,7 @@ def results(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("device_mean") / "results.pkl"
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
-        env.pop(var, None)
+    env = fake_cpu_devices_env(N_DEVICES, repo)
     if "JAX_COMPILATION_CACHE_DIR" in env:   # gloo executables: a cache of their own (see conftest)
         env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"], "gloo-1proc-4dev")
     with socket.socket() as s:

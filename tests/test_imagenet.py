@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.subprocess_env import fake_cpu_devices_env
+
 from tests import real_data_files as rd
 from train import data
 
@@ -204,8 +206,7 @@ def _worker_main(tfds_dir: str, work: str, settings_json: str, out_path: str) ->
 
 def _run_worker(prepared: Path, work: Path, settings: dict) -> dict:
     out = work / "results.pkl"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = fake_cpu_devices_env(N_DEVICES, REPO)
     proc = subprocess.run([sys.executable, __file__, str(prepared), str(work), json.dumps(settings), str(out)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:

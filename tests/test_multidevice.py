@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.subprocess_env import fake_cpu_devices_env
+
 N_DEVICES = 4
 IN_FEATURES = 32
 GLOBAL_BATCH = 32
@@ -277,8 +279,7 @@ def _sharded_kernels_scenario(jax, jnp, optax, sj, steps) -> dict:
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("multidevice") / "results.pkl"
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    env = fake_cpu_devices_env(N_DEVICES, repo)
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=repo, capture_output=True, text=True,
                           timeout=600)
     if proc.returncode != 0:
