@@ -13,7 +13,6 @@ image-net.org's layout, holding real CIFAR-10 images (shipped JPEG tarball) upsc
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
