@@ -79,13 +79,13 @@ def interleaved_medians(fns: dict, reps: int) -> dict:
     return {name: statistics.median(ts) for name, ts in interleaved_times(fns, reps).items()}
 
 
-def selection_at(revision: str) -> types.ModuleType:
-    """``srigl_jax/selection.py`` as of a git revision, as a module."""
+def module_at(revision: str, path: str, name: str) -> types.ModuleType:
+    """The repository file ``path`` as of a git revision, loaded as a module (its imports resolve to the
+    ``srigl_jax`` that Python imports)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = "srigl_jax/selection.py"
     source = subprocess.run(["git", "-C", root, "show", f"{revision}:{path}"],
                             capture_output=True, text=True, check=True).stdout
-    module = types.ModuleType(f"selection_at_{revision}")
+    module = types.ModuleType(f"{name}_at_{revision}")
     exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
     return module
 
@@ -111,7 +111,7 @@ def mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, step, reps
     need = mask.sum(axis=0) - keep.sum(axis=0)  # no ablation: regrow each neuron back to k0
     implementations = {"new": selection}
     if baseline:
-        implementations = {f"baseline {baseline}": selection_at(baseline), **implementations}
+        implementations = {f"baseline {baseline}": module_at(baseline, "srigl_jax/selection.py", "selection"), **implementations}
     calls, outputs = {}, {}
     for impl, module in implementations.items():
         cases = {
@@ -145,6 +145,8 @@ def main() -> None:
                     help="also time partial steps (masking only; masking + NaN/Inf check) to locate the overhead")
     ap.add_argument("--baseline", default=None,
                     help="git revision of selection.py to compare with (mask-update step, or --mask-update)")
+    ap.add_argument("--optim-baseline", default=None,
+                    help="git revision of srigl_jax/optim.py whose sparse_optimizer is timed too (A/B of the step)")
     args = ap.parse_args()
     results_dir = os.path.join(os.path.dirname(__file__), "results")
     out = args.out or os.path.join(results_dir, "mask_update.json" if args.mask_update else "train_step.json")
@@ -188,38 +190,36 @@ def main() -> None:
         updates, opt_state = tx_dense.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    # The sparse step is the user's plain optax step with the sparse optimizer (the same inner optimizer).
-    tx_sparse = sj.sparse_optimizer(tx_dense, algo, masks=masks, key=key)
+    def sparse_runner(optimizer=sj.sparse_optimizer, skip_nonfinite=True, step=plain_step):
+        """The user's plain optax step with the sparse optimizer (the same inner optimizer), at ``step``."""
+        tx_sparse = optimizer(tx_dense, algo, masks=masks, key=key, skip_nonfinite=skip_nonfinite)
 
-    def sparse_step_fn(params, opt_state):
-        grads = jax.grad(mlp_loss)(params, x, y)
-        updates, opt_state = tx_sparse.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        def sparse_step_fn(params, opt_state):
+            grads = jax.grad(mlp_loss)(params, x, y)
+            updates, opt_state = tx_sparse.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
-    sparse_step = jax.jit(sparse_step_fn)
+        state = tx_sparse.init(sparse_params)._replace(step=step)
+        compiled = jax.jit(sparse_step_fn).lower(sparse_params, state).compile()
+        return lambda: jax.block_until_ready(compiled(sparse_params, state))
 
     dense_state = (params, tx_dense.init(params))
-    sparse_init = tx_sparse.init(sparse_params)
-    at_step = lambda step: (sparse_params, sparse_init._replace(step=step))  # noqa: E731  (same state, any step)
 
     def run_dense():
         jax.block_until_ready(dense_step(*dense_state))
 
-    def run_sparse():
-        jax.block_until_ready(sparse_step(*at_step(plain_step)))
-
-    def run_sparse_update():
-        jax.block_until_ready(sparse_step(*at_step(update_step)))
-
-    candidates = {"dense": run_dense, "srigl": run_sparse, "srigl_update_step": run_sparse_update}
+    candidates = {"dense": run_dense, "srigl": sparse_runner(), "srigl_update_step": sparse_runner(step=update_step),
+                  # what the NaN/Inf skip costs: its check is one more read of every gradient and parameter
+                  "srigl_no_nonfinite_skip": sparse_runner(skip_nonfinite=False)}
+    if args.optim_baseline:  # the same steps with sparse_optimizer as of another revision
+        old = module_at(args.optim_baseline, "srigl_jax/optim.py", "optim_baseline")
+        candidates["srigl_optim_baseline"] = sparse_runner(old.sparse_optimizer)
+        candidates["srigl_update_step_optim_baseline"] = sparse_runner(old.sparse_optimizer, step=update_step)
     if args.breakdown:  # where the non-update step's overhead goes: hand-written partial steps
         candidates.update(overhead_breakdown(tx_dense, sparse_params, masks, x, y))
     if args.baseline:  # the same update step, compiled with the baseline's selection primitives
-        baseline_step = jax.jit(lambda *a: sparse_step_fn(*a))
-        with selection_primitives(selection_at(args.baseline)):
-            jax.block_until_ready(baseline_step(*at_step(update_step)))
-        candidates["srigl_update_step_baseline"] = lambda: jax.block_until_ready(
-            baseline_step(*at_step(update_step)))
+        with selection_primitives(module_at(args.baseline, "srigl_jax/selection.py", "selection")):
+            candidates["srigl_update_step_baseline"] = sparse_runner(step=update_step)
     for fn in candidates.values():  # compile + warm up
         fn()
         fn()
@@ -249,6 +249,8 @@ def main() -> None:
         "srigl_step_ms": med["srigl"] * 1e3,
         "srigl_update_step_ms": med["srigl_update_step"] * 1e3,
         "srigl_vs_dense": med["srigl"] / med["dense"],
+        "srigl_no_nonfinite_skip_ms": med["srigl_no_nonfinite_skip"] * 1e3,
+        "srigl_no_nonfinite_skip_vs_dense": med["srigl_no_nonfinite_skip"] / med["dense"],
         "update_masks_layer_ms": update_s * 1e3,
         "update_masks_layer_shape": list(layer["kernel"].shape),
         "update_overhead_amortised": amortised,
@@ -258,6 +260,11 @@ def main() -> None:
     }
     if args.breakdown:
         result["breakdown_vs_dense"] = {name: med[name] / med["dense"] for name in BREAKDOWN}
+    if args.optim_baseline:
+        result["optim_baseline"] = args.optim_baseline
+        for name in ("srigl_optim_baseline", "srigl_update_step_optim_baseline"):
+            result[f"{name}_ms"] = med[name] * 1e3
+        result["srigl_optim_baseline_vs_dense"] = med["srigl_optim_baseline"] / med["dense"]
     if args.baseline:
         result["baseline"] = args.baseline
         result["srigl_update_step_baseline_ms"] = med["srigl_update_step_baseline"] * 1e3
@@ -267,7 +274,13 @@ def main() -> None:
           f"{jax.default_backend()} ({os.cpu_count()} cores), jax {jax.__version__}")
     print(f"  dense step             {result['dense_step_ms']:9.2f} ms")
     print(f"  SRigL step             {result['srigl_step_ms']:9.2f} ms   {result['srigl_vs_dense']:.3f}x dense (goal <= 1.05x)")
+    print(f"  SRigL step, no NaN/Inf skip {result['srigl_no_nonfinite_skip_ms']:9.2f} ms   "
+          f"{result['srigl_no_nonfinite_skip_vs_dense']:.3f}x dense")
     print(f"  SRigL mask-update step {result['srigl_update_step_ms']:9.2f} ms")
+    if args.optim_baseline:
+        print(f"  optim.py of {args.optim_baseline}: step {result['srigl_optim_baseline_ms']:.2f} ms "
+              f"({result['srigl_optim_baseline_vs_dense']:.3f}x dense), "
+              f"mask-update step {result['srigl_update_step_optim_baseline_ms']:.2f} ms")
     print(f"  update_masks, {layer['kernel'].shape[0]}x{layer['kernel'].shape[1]} layer: {result['update_masks_layer_ms']:.1f} ms")
     print(f"  mask updates amortised over delta_t={args.delta_t}: {amortised:.2%} of training time (goal < 2%)")
     print(f"  update_masks of {stacked_depth} stacked {stacked_width}x{stacked_width} layers: "
