@@ -13,9 +13,10 @@ of one ``update_masks`` call on a 3072x3072 layer, amortised over delta_t steps.
 revision REV (loaded from git and swapped into ``layer_updates`` while tracing), interleaved.
 ``--mask-update`` times only the mask update of the 3072x3072 layer: ``update_masks`` and the three
 selections it makes (global top-n of |w| among the active weights, global top-n of |grad|, per-column
-regrowth), interleaved with the same calls under ``--baseline``, and checks that both give identical
-masks. "new" is the ``srigl_jax`` that Python imports: with an editable install of another checkout,
-run from the repo root with ``PYTHONPATH=.`` to time this one.
+regrowth), interleaved with the same calls with the histogram kernel switched off (XLA's scatter-add) and
+under ``--baseline``, and checks that all give identical masks. "new" is the ``srigl_jax`` that Python
+imports: with an editable install of another checkout, run from the repo root with ``PYTHONPATH=.`` to time
+this one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import jax.numpy as jnp
 import optax
 
 import srigl_jax as sj
-from srigl_jax import layer_updates, selection
+from srigl_jax import _ffi_histogram, layer_updates, selection
+from srigl_jax._ffi_kernels import FORCE_XLA_ENV
 
 try:
     from _machine import cpu_report, interleaved_times  # run as a script: bench/ is on sys.path
@@ -101,6 +103,21 @@ def selection_primitives(module: types.ModuleType):
         layer_updates.top_n_mask, layer_updates.column_top_count_mask = saved
 
 
+@contextlib.contextmanager
+def kernel_switched_off(off: bool):
+    """Trace with the C++ kernels switched off (``SRIGL_JAX_CONDENSED_FORCE_XLA=1``) when ``off``."""
+    saved = os.environ.get(FORCE_XLA_ENV)
+    if off:
+        os.environ[FORCE_XLA_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(FORCE_XLA_ENV, None)
+        else:
+            os.environ[FORCE_XLA_ENV] = saved
+
+
 def mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, step, reps, baseline):
     """Median ms of update_masks and of each selection, per implementation, interleaved; checks equal outputs."""
     w_score = selection.magnitude_score(layer_params["kernel"])
@@ -109,20 +126,26 @@ def mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, step, reps
     n_prune, n_keep = layer_updates.prune_counts(mask, layer_algo.drop_fraction(step))
     keep = selection.top_n_mask(w_score, mask, n_keep)
     need = mask.sum(axis=0) - keep.sum(axis=0)  # no ablation: regrow each neuron back to k0
-    implementations = {"new": selection}
+    # "new" runs its histogram passes on the C++ kernel where it is built; "new, XLA scatter" is the same code
+    # with the kernel switched off (the switch is read while tracing, i.e. on each case's first call below).
+    implementations = {"new": (selection, False)}
+    if _ffi_histogram.usable():
+        implementations["new, XLA scatter"] = (selection, True)
     if baseline:
-        implementations = {f"baseline {baseline}": module_at(baseline, "srigl_jax/selection.py", "selection"), **implementations}
+        implementations = {f"baseline {baseline}": (module_at(baseline, "srigl_jax/selection.py", "selection"), False),
+                           **implementations}
     calls, outputs = {}, {}
-    for impl, module in implementations.items():
-        cases = {
-            "top_n |w| (drop)": (jax.jit(module.top_n_mask), (w_score, mask, n_keep)),
-            "top_n |grad| (salience)": (jax.jit(module.top_n_mask), (g_score, jnp.ones_like(mask), n_prune)),
-            "column_top_count |grad| (grow)": (jax.jit(module.column_top_count_mask), (g_score, ~keep, need)),
+    for impl, (module, force_xla) in implementations.items():
+        fresh = lambda f: jax.jit(lambda *a: f(*a))  # noqa: E731  (a new trace per implementation: jit caches
+        cases = {                                      # per function, and the kernel switch is read when tracing)
+            "top_n |w| (drop)": (fresh(module.top_n_mask), (w_score, mask, n_keep)),
+            "top_n |grad| (salience)": (fresh(module.top_n_mask), (g_score, jnp.ones_like(mask), n_prune)),
+            "column_top_count |grad| (grow)": (fresh(module.column_top_count_mask), (g_score, ~keep, need)),
             "update_masks": (jax.jit(lambda *a: layer_algo.update_masks(*a)),
                              (layer_params, grads, layer_masks, key, step)),
         }
-        with selection_primitives(module):  # compile inside: update_masks traces layer_updates
-            for case, (fn, args) in cases.items():
+        with selection_primitives(module), kernel_switched_off(force_xla):  # compile inside: update_masks traces
+            for case, (fn, args) in cases.items():                           # layer_updates
                 outputs[impl, case] = jax.block_until_ready(fn(*args))
                 calls[impl, case] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
     for impl, case in outputs:

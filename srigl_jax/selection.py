@@ -84,6 +84,26 @@ def _window_histogram(keys, lo, shift, digit_bits: int, per_column: bool):
     return table[:n_bins], table[n_bins]
 
 
+def _window_histogram_of(keys_of, operands, lo, shift, digit_bits: int, per_column: bool):
+    """``_window_histogram(keys_of(*operands), ...)``; the pass of the selection proper (keys of (score,
+    eligible)) runs on the C++ kernel on CPU when it is built (srigl_jax._ffi_histogram: the same integer
+    counts, computed in parallel instead of by XLA:CPU's serial scatter-add)."""
+    from srigl_jax import _ffi_histogram  # loads the kernel library on first use
+
+    def xla(*operands):
+        return _window_histogram(keys_of(*operands), lo, shift, digit_bits, per_column)
+
+    if keys_of is not _sortable_keys or not _ffi_histogram.usable():
+        return xla(*operands)
+
+    def cpu(score, eligible):
+        table = _ffi_histogram.window_histogram_table(score, eligible, lo, shift, digit_bits, per_column)
+        table = table.reshape((1 << digit_bits) + 1, -1)
+        return table[: 1 << digit_bits], table[1 << digit_bits]
+
+    return lax.platform_dependent(*operands, cpu=cpu, default=xla)
+
+
 def _crossing_bin(hist: jax.Array, above: jax.Array, n: jax.Array):
     """Per group, the highest bin b with count(keys >= lower edge of b) >= n, that count and count(keys
     >= upper edge of b). Requires count(keys >= lowest edge) >= n > above.
@@ -135,7 +155,7 @@ def _threshold(keys_of, operands: tuple, n: jax.Array, key_bits: int, per_column
     def refine(operands, n, state):
         """One pass: narrow each unresolved group's window to the bin holding the n-th largest key."""
         lo, shift, c_at, c_above, done = state
-        hist, above = _window_histogram(keys_of(*operands), lo, shift, digit_bits, per_column)
+        hist, above = _window_histogram_of(keys_of, operands, lo, shift, digit_bits, per_column)
         b, at, above_bin = _crossing_bin(hist, above, n)
         resolved = (at == n) | (shift == 0)
         new_state = (

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -275,3 +276,6 @@ extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel()
 
 // The condensed convolution (srigl_condensed_conv2d) shares the ISA copies and thread conventions above.
 #include "condensed_conv_ffi.inc"
+
+// The histogram pass of the exact radix select in srigl_jax/selection.py (srigl_radix_histogram).
+#include "radix_histogram_ffi.inc"
