@@ -30,13 +30,40 @@ def cpu_report() -> dict[str, str]:
     return out
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int,
+                      before: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Seconds of every call of each (blocking) candidate, alternating the candidates rep by rep so that drifts
-    in machine load hit all of them alike."""
+    in machine load hit all of them alike. ``before`` (untimed) runs ahead of every timed call, e.g.
+    ``evict_caches`` to time a model whose weights come from DRAM."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def evict_caches(buffer: list = []) -> None:  # noqa: B006  (the buffer is allocated once, on first use)
+    """Write a buffer of 4x the largest cache (128 MiB to 1 GiB) so that the next call reads its weights from
+    DRAM, as a model does whose layers do not all fit in the caches (or after other work)."""
+    import numpy as np
+
+    if not buffer:
+        buffer.append(np.ones(min(max(_largest_cache_bytes() * 4, 128 << 20), 1 << 30) // 8))
+    buffer[0] += 1.0
+
+
+def _largest_cache_bytes() -> int:
+    """The largest ``lscpu`` cache size in bytes (0 when lscpu is unavailable)."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+    sizes = []
+    for field in ("L2 cache", "L3 cache"):
+        number, _, unit = cpu_report().get(field, "").partition(" ")
+        try:
+            sizes.append(int(float(number) * units[unit.split()[0]]))
+        except (ValueError, KeyError, IndexError):
+            continue
+    return max(sizes, default=0)

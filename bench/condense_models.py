@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import srigl_jax as sj  # noqa: E402
-from _machine import cpu_report, interleaved_times  # noqa: E402
+from _machine import cpu_report, evict_caches, interleaved_times  # noqa: E402
 from srigl_jax import _ffi_kernels  # noqa: E402
 from srigl_jax.inference import Timing  # noqa: E402
 
@@ -98,13 +98,13 @@ def numpy_mlp(params):
     return forward
 
 
-def interleaved(fns: dict, reps: int) -> dict[str, np.ndarray]:
+def interleaved(fns: dict, reps: int, before=None) -> dict[str, np.ndarray]:
     for fn in fns.values():  # compile and warm up (once: a ViT-B/16 forward at batch 256 takes minutes here)
         fn()
-    return {name: np.asarray(t) for name, t in interleaved_times(fns, reps).items()}
+    return {name: np.asarray(t) for name, t in interleaved_times(fns, reps, before).items()}
 
 
-def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing) -> dict:
+def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing, cold: bool = False) -> dict:
     model = case.build()
     variables, masks = sparse_variables(model, case.input_shape, sparsity, case.distribution)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *case.input_shape)), jnp.float32)
@@ -137,6 +137,12 @@ def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing)
     if "dense_numpy_ms" in row:
         row["speedup_vs_dense_numpy"] = med["dense_numpy"] / med["condensed"]
         row["speedup_vs_best_dense"] = min(med["dense_numpy"], med["dense_jnp"]) / med["condensed"]
+    if cold:  # the same calls with the caches evicted before each: weights (and activations) come from DRAM
+        cold_med = {name: float(np.median(v)) for name, v in interleaved(fns, reps, before=evict_caches).items()}
+        row.update({f"{name}_cold_ms": round(m * 1e3, 4) for name, m in cold_med.items()})
+        row["speedup_vs_dense_jnp_cold"] = cold_med["dense_jnp"] / cold_med["condensed"]
+        if "dense_numpy" in cold_med:
+            row["speedup_vs_dense_numpy_cold"] = cold_med["dense_numpy"] / cold_med["condensed"]
     return row
 
 
@@ -148,6 +154,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--layer-reps", type=int, default=15, help="per-layer timing repetitions in condense")
     ap.add_argument("--layer-budget-s", type=float, default=3.0, help="per-layer timing budget in condense")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time every call with the caches evicted before it (weights from DRAM)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "condense_models.json"))
     args = ap.parse_args()
     batches = args.batches or ([1, 4] if args.quick else [1, 64, 256])
@@ -161,9 +169,12 @@ def main() -> None:
         case = known[name]
         for batch in batches:
             reps = case.heavy_reps if batch == max(batches) else case.reps
-            row = run_case(case, batch, reps, args.sparsity, timing)
+            row = run_case(case, batch, reps, args.sparsity, timing, args.cold)
             rows.append(row)
             extra = f"  vs numpy {row['speedup_vs_dense_numpy']:.2f}x" if "speedup_vs_dense_numpy" in row else ""
+            if args.cold:
+                extra += (f"  cold caches: dense {row['dense_jnp_cold_ms']:.3f} ms, condensed "
+                          f"{row['condensed_cold_ms']:.3f} ms, {row['speedup_vs_dense_jnp_cold']:.2f}x")
             print(f"{name:<9} batch {batch:>3}: dense {row['dense_jnp_ms']:9.3f} ms  condensed "
                   f"{row['condensed_ms']:9.3f} ms  {row['speedup_vs_dense_jnp']:.2f}x dense jnp{extra}  "
                   f"(kernels {row['kernels']}, condense {row['condense_s']:.0f} s, rel err {row['max_rel_err']:.1e})",

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_train_step_benchmark_quick(tmp_path):
     out = tmp_path / "train_step.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--breakdown", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--breakdown", "--optim-baseline", "HEAD",
+                           "--out", str(out)],
                           cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -24,6 +25,24 @@ def test_train_step_benchmark_quick(tmp_path):
         assert result[key] > 0, key
     assert "x dense" in proc.stdout and "amortised" in proc.stdout
     assert set(result["breakdown_vs_dense"]) == {"dense + masking", "dense + masking + check"}
+    assert result["srigl_no_nonfinite_skip_ms"] > 0 and "no NaN/Inf skip" in proc.stdout
+    assert result["srigl_optim_baseline_ms"] > 0 and "optim.py of HEAD" in proc.stdout  # the A/B of the step
+
+
+def test_mask_update_benchmark_quick(tmp_path):
+    """--mask-update: update_masks and its selections, with and without the histogram kernel, identical masks."""
+    from srigl_jax import _ffi_histogram
+
+    out = tmp_path / "mask_update.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--mask-update", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    med = json.loads(out.read_text())["median_ms"]
+    assert set(med) == {"top_n |w| (drop)", "top_n |grad| (salience)", "column_top_count |grad| (grow)",
+                        "update_masks"}
+    impls = {"new", "new, XLA scatter"} if _ffi_histogram.usable() else {"new"}
+    assert all(set(by_impl) == impls and min(by_impl.values()) > 0 for by_impl in med.values())
 
 
 def test_condense_models_benchmark_quick(tmp_path):
@@ -31,7 +50,7 @@ def test_condense_models_benchmark_quick(tmp_path):
     out = tmp_path / "condense_models.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "bench/condense_models.py", "--quick", "--models", "mlp", "resnet18",
-                           "--batches", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                           "--batches", "1", "--cold", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -40,7 +59,8 @@ def test_condense_models_benchmark_quick(tmp_path):
     for row in result["rows"]:
         assert row["dense_jnp_ms"] > 0 and row["condensed_ms"] > 0 and row["max_rel_err"] < 1e-4
         assert row["choices"] and all(c["kernel"] for c in row["choices"])
-    assert result["rows"][0]["speedup_vs_dense_numpy"] > 0
+        assert row["dense_jnp_cold_ms"] > 0 and row["condensed_cold_ms"] > 0  # weights from DRAM (--cold)
+    assert result["rows"][0]["speedup_vs_dense_numpy"] > 0 and result["rows"][0]["dense_numpy_cold_ms"] > 0
     assert "x dense jnp" in proc.stdout
 
 
