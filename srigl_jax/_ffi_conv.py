@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from typing import Sequence, Union
 
 import jax
@@ -37,8 +36,6 @@ CONV_TARGET_NAME = "srigl_condensed_conv2d"
 Padding = Union[str, Sequence[tuple[int, int]]]
 Pads = tuple[tuple[int, int], tuple[int, int]]
 _MAX_XLA_OFFSET = 2**31 - 1  # the XLA formulation's tap offsets are int32
-_lock = threading.Lock()
-_state: dict[str, object] = {}
 
 
 # ---------------------------------------------------------------------------------------------------- geometry
@@ -156,23 +153,12 @@ def _smoke_result() -> None:
         raise RuntimeError(f"conv smoke test gave {out.tolist()}")
 
 
+_TARGET = _ffi_kernels.LibraryTarget(CONV_TARGET_NAME, "SriglCondensedConv2d", _smoke_result, "conv kernel")
+
+
 def _load() -> dict[str, object]:
     """Register the conv target of the loaded kernel library once; records why not instead of raising."""
-    with _lock:
-        if _state:
-            return _state
-        lib = _ffi_kernels.loaded_library()
-        if lib is None:
-            _state.update(ok=False, reason=_ffi_kernels.unavailable_reason())
-            return _state
-        try:
-            jax.ffi.register_ffi_target(CONV_TARGET_NAME, jax.ffi.pycapsule(lib.SriglCondensedConv2d),
-                                        platform="cpu")
-            _ffi_kernels._smoke_test(_smoke_result)
-            _state.update(ok=True, reason="")
-        except Exception as err:  # a library built before the conv kernel existed, a wrong answer: use XLA
-            _state.update(ok=False, reason=f"conv kernel unusable: {type(err).__name__}: {err}")
-        return _state
+    return _TARGET.load()
 
 
 def available() -> bool:

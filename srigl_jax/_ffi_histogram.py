@@ -19,7 +19,7 @@ import numpy as np
 
 TARGET_NAME = "srigl_radix_histogram"
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_target: list = []  # the LibraryTarget, made on first use
 
 
 def _smoke_result() -> None:
@@ -38,19 +38,10 @@ def _load() -> dict[str, object]:
     from srigl_jax import _ffi_kernels  # the loader (imported lazily: it imports srigl_jax.inference)
 
     with _lock:
-        if _state:
-            return _state
-        lib = _ffi_kernels.loaded_library()
-        if lib is None:
-            _state.update(ok=False, reason=_ffi_kernels.unavailable_reason())
-            return _state
-        try:
-            jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(lib.SriglRadixHistogram), platform="cpu")
-            _ffi_kernels._smoke_test(_smoke_result)
-            _state.update(ok=True, reason="")
-        except Exception as err:  # a library built before this kernel existed, a wrong answer: use XLA
-            _state.update(ok=False, reason=f"histogram kernel unusable: {type(err).__name__}: {err}")
-        return _state
+        if not _target:
+            _target.append(_ffi_kernels.LibraryTarget(TARGET_NAME, "SriglRadixHistogram", _smoke_result,
+                                                      "histogram kernel"))
+    return _target[0].load()
 
 
 def usable() -> bool:

@@ -103,6 +103,34 @@ def _smoke_result() -> None:
         raise RuntimeError(f"smoke test gave {out}")
 
 
+class LibraryTarget:
+    """Another FFI target of the loaded kernel library (the conv kernel, the selection's histogram pass),
+    registered with XLA and smoke-tested on first use, thread-safe; ``load()`` records why it cannot be used
+    instead of raising (a library built before the target existed, a wrong answer), so callers fall back to XLA."""
+
+    def __init__(self, target_name: str, symbol: str, smoke_check, what: str):
+        self.target_name, self.symbol, self.smoke_check, self.what = target_name, symbol, smoke_check, what
+        self._lock = threading.Lock()
+        self._state: dict[str, object] = {}
+
+    def load(self) -> dict[str, object]:
+        with self._lock:
+            if self._state:
+                return self._state
+            lib = loaded_library()
+            if lib is None:
+                self._state.update(ok=False, reason=unavailable_reason())
+                return self._state
+            try:
+                jax.ffi.register_ffi_target(self.target_name, jax.ffi.pycapsule(getattr(lib, self.symbol)),
+                                            platform="cpu")
+                _smoke_test(self.smoke_check)
+                self._state.update(ok=True, reason="")
+            except Exception as err:
+                self._state.update(ok=False, reason=f"{self.what} unusable: {type(err).__name__}: {err}")
+            return self._state
+
+
 def available() -> bool:
     """True if the C++ kernel is built and registered with XLA."""
     return bool(_load()["ok"])
