@@ -171,10 +171,10 @@ def _any_nonfinite_pair(grads: PyTree, params: PyTree) -> jax.Array:
 
     This reduction is the one pass of the skip that cannot fuse with the step: it must finish before any
     update is written, so it costs one extra read of every gradient and parameter. ``isfinite(x).all()``
-    measured the cheapest exact form inside a whole train step (bench/train_step.py, 2-vCPU AMD EPYC:
-    1.13-1.29x the dense step with it, against 1.19-1.38x for ``sum(x * 0)``, whose zero operand XLA
-    materialises as a full-size broadcast; ``max(|x|)`` and ``sum(x)`` were no faster, and ``sum`` can
-    overflow)."""
+    measured the cheapest exact form inside a whole train step (the bench/train_step.py MLP on a 2-vCPU AMD
+    EPYC, four interleaved runs: the step was cheaper by 0.04-0.12 of a dense step than with ``sum(x * 0)``,
+    whose zero operand XLA materialises as a full-size broadcast; ``max(|x|)`` and ``sum(x)`` were no faster,
+    and ``sum`` can overflow)."""
     flags = [~(jnp.isfinite(g).all() & jnp.isfinite(p).all())
              for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params))
              if jnp.issubdtype(g.dtype, jnp.floating) and jnp.issubdtype(p.dtype, jnp.floating)]

@@ -32,7 +32,7 @@ def both_histograms(score, eligible, lo, shift, digit_bits, per_column):
     return jax.jit(xla)(*args), jax.jit(kernel)(*args)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 300), per_column=st.booleans(),
        digit_bits=st.sampled_from([1, 4, 10, 16]), seed=st.integers(0, 2**31 - 1), ties=st.booleans())
 def test_kernel_counts_what_the_scatter_add_counts(rows, cols, per_column, digit_bits, seed, ties):
@@ -75,7 +75,7 @@ def _compiled(fn, args, monkeypatch, force_xla):
     return jax.jit(fn).lower(*args).compile()
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(rows=st.integers(1, 64), cols=st.integers(1, 600), seed=st.integers(0, 2**31 - 1),
        ties=st.booleans())
 def test_selections_are_identical_with_and_without_the_kernel(rows, cols, seed, ties):
