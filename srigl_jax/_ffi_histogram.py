@@ -72,5 +72,5 @@ def window_histogram_table(score, eligible, lo, shift, digit_bits: int, per_colu
     """The flat ((2**digit_bits + 1) * groups,) int32 table of one radix pass over the keys of (score, eligible)
     (layout and semantics: ``selection._window_histogram``). CPU only: callers dispatch per platform."""
     groups = score.shape[1] if per_column else 1
-    return _ffi_call(score, eligible, jnp.broadcast_to(lo, (groups,)), jnp.broadcast_to(shift, (groups,)),
-                     digit_bits, per_column)
+    return _ffi_call(score, jnp.broadcast_to(eligible, score.shape), jnp.broadcast_to(lo, (groups,)),
+                     jnp.broadcast_to(shift, (groups,)), digit_bits, per_column)

@@ -30,7 +30,9 @@ class MaskUpdateInfo(NamedTuple):
     """What one ``update_masks`` call did (all traced scalars, no host sync)."""
 
     updated: jax.Array  # bool: this step was a mask-update step
-    nonfinite: jax.Array  # bool: NaN/Inf found in params or grads (masks stay valid regardless)
+    # bool: NaN/Inf found in params or grads (masks stay valid regardless); sparse_optimizer with
+    # skip_nonfinite=False does not look, and reports False
+    nonfinite: jax.Array
     drop_fraction: jax.Array  # float32: d(step)
 
 

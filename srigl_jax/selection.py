@@ -101,7 +101,9 @@ def _window_histogram_of(keys_of, operands, lo, shift, digit_bits: int, per_colu
         table = table.reshape((1 << digit_bits) + 1, -1)
         return table[: 1 << digit_bits], table[1 << digit_bits]
 
-    return lax.platform_dependent(*operands, cpu=cpu, default=xla)
+    # Integer counts carry no gradient; stopping it keeps functions that select differentiable (the FFI call
+    # has no JVP rule, and platform_dependent traces both branches).
+    return lax.platform_dependent(*(lax.stop_gradient(x) for x in operands), cpu=cpu, default=xla)
 
 
 def _crossing_bin(hist: jax.Array, above: jax.Array, n: jax.Array):

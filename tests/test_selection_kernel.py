@@ -52,7 +52,8 @@ def test_kernel_counts_what_the_scatter_add_counts(rows, cols, per_column, digit
 
 
 def test_kernel_counts_on_a_large_layer_split_over_threads():
-    """3072 x 1024: both modes take the multi-chunk path (private tables summed / column ranges)."""
+    """3072 x 1024: both modes split the work (private tables summed / column ranges) where XLA's pool has
+    two threads or more (CI's 2 cores have two)."""
     rng = np.random.default_rng(0)
     score = np.abs(rng.standard_normal((3072, 1024))).astype(np.float32)
     eligible = rng.random(score.shape) < 0.9
@@ -67,12 +68,15 @@ def test_kernel_counts_on_a_large_layer_split_over_threads():
 
 
 def _compiled(fn, args, monkeypatch, force_xla):
-    """``fn`` compiled with the kernel, or with XLA's scatter-add (the switch is read when tracing)."""
+    """``fn`` compiled with the kernel, or with XLA's scatter-add (the switch is read when tracing, so every call
+    traces anew: jit caches traces per function). Checks which one the compiled program calls."""
     if force_xla:
         monkeypatch.setenv(FORCE_XLA_ENV, "1")
     else:
         monkeypatch.delenv(FORCE_XLA_ENV, raising=False)
-    return jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    assert (_ffi_histogram.TARGET_NAME in compiled.as_text()) == (not force_xla)
+    return compiled
 
 
 @settings(max_examples=8, deadline=None)
@@ -111,6 +115,18 @@ def test_mask_update_is_bit_identical_with_and_without_the_kernel(monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, with_kernel, with_xla)
     changed = jax.tree.map(lambda a, b: bool((a != b).any()), with_kernel[1], masks)
     assert all(jax.tree.leaves(changed))  # the update did change every mask
+
+
+def test_selections_stay_differentiable():
+    """The kernel's integer counts carry no gradient; a loss that selects still differentiates (as with XLA)."""
+    score = jnp.abs(jax.random.normal(jax.random.key(0), (16, 8)))
+
+    def loss(x):
+        return jnp.sum(jnp.where(selection.top_n_mask(x, jnp.ones(x.shape, bool), 20), x, 0.0) ** 2)
+
+    grad = jax.jit(jax.grad(loss))(score)
+    kept = selection.top_n_mask(score, jnp.ones(score.shape, bool), 20)
+    np.testing.assert_allclose(grad, jnp.where(kept, 2 * score, 0.0), rtol=1e-6)
 
 
 def test_gpu_lowering_uses_the_scatter_add():
