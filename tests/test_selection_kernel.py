@@ -79,7 +79,7 @@ def _compiled(fn, args, monkeypatch, force_xla):
     return compiled
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(rows=st.integers(1, 64), cols=st.integers(1, 600), seed=st.integers(0, 2**31 - 1),
        ties=st.booleans())
 def test_selections_are_identical_with_and_without_the_kernel(rows, cols, seed, ties):
