@@ -21,7 +21,6 @@ array([[ 0.,  4.],
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence, Union
 
 import jax
@@ -29,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from srigl_jax import _ffi_kernels
-from srigl_jax._ffi_kernels import FORCE_XLA_ENV
 from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla, extract_patches
 
 CONV_TARGET_NAME = "srigl_condensed_conv2d"
@@ -247,10 +245,6 @@ def condensed_conv2d(x, layer: CondensedLinear, window: Sequence[int], strides: 
     if backend not in ("auto", "ffi", "xla"):
         raise ValueError(f"backend must be 'auto', 'ffi' or 'xla', got {backend!r}")
     if backend == "ffi" or (backend == "auto" and unsupported_reason(x, layer) == ""
-                            and not _ffi_kernels_forced_off()):
+                            and not _ffi_kernels.forced_off()):
         return condensed_conv2d_ffi(x, layer, window, strides, padding)
     return condensed_conv2d_xla(x, layer, window, strides, padding)
-
-
-def _ffi_kernels_forced_off() -> bool:
-    return os.environ.get(FORCE_XLA_ENV, "") not in ("", "0")

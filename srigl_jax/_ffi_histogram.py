@@ -10,16 +10,13 @@ or without the built library, the selection uses XLA's scatter-add.
 
 from __future__ import annotations
 
-import os
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srigl_jax import _ffi_kernels  # imported by selection.py only when it first selects: no import cycle
+
 TARGET_NAME = "srigl_radix_histogram"
-_lock = threading.Lock()
-_target: list = []  # the LibraryTarget, made on first use
 
 
 def _smoke_result() -> None:
@@ -33,39 +30,21 @@ def _smoke_result() -> None:
         raise RuntimeError(f"histogram smoke test gave {got.tolist()}, expected {want.tolist()}")
 
 
-def _load() -> dict[str, object]:
-    """Register the histogram target of the loaded kernel library once; records why not instead of raising."""
-    from srigl_jax import _ffi_kernels  # the loader (imported lazily: it imports srigl_jax.inference)
-
-    with _lock:
-        if not _target:
-            _target.append(_ffi_kernels.LibraryTarget(TARGET_NAME, "SriglRadixHistogram", _smoke_result,
-                                                      "histogram kernel"))
-    return _target[0].load()
+_TARGET = _ffi_kernels.LibraryTarget(TARGET_NAME, "SriglRadixHistogram", _smoke_result, "histogram kernel")
 
 
 def usable() -> bool:
     """True if selections should run their histogram passes on the kernel (built, registered, not forced off)."""
-    from srigl_jax._ffi_kernels import FORCE_XLA_ENV
-
-    if os.environ.get(FORCE_XLA_ENV, "") not in ("", "0"):
-        return False
-    return bool(_load()["ok"])
-
-
-def unavailable_reason() -> str:
-    return str(_load()["reason"])
+    return not _ffi_kernels.forced_off() and bool(_TARGET.load()["ok"])
 
 
 def _ffi_call(score, eligible, lo, shift, digit_bits: int, per_column: bool):
-    from srigl_jax._ffi_kernels import _max_threads
-
     groups = score.shape[1] if per_column else 1
     call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((((1 << digit_bits) + 1) * groups,), jnp.int32),
                             vmap_method="sequential")
     return call(score.astype(jnp.float32), eligible.astype(bool), lo.astype(jnp.int32), shift.astype(jnp.int32),
                 digit_bits=np.int64(digit_bits), per_column=np.int64(per_column),
-                max_threads=np.int64(_max_threads()))
+                max_threads=np.int64(_ffi_kernels._max_threads()))
 
 
 def window_histogram_table(score, eligible, lo, shift, digit_bits: int, per_column: bool) -> jax.Array:

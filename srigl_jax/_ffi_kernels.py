@@ -194,6 +194,11 @@ def _non_negative_int_env(name: str, default: int) -> int:
     return value
 
 
+def forced_off() -> bool:
+    """True when SRIGL_JAX_CONDENSED_FORCE_XLA turns every kernel of the library off (read when tracing)."""
+    return os.environ.get(FORCE_XLA_ENV, "") not in ("", "0")
+
+
 def _max_threads() -> int:
     return _non_negative_int_env(MAX_THREADS_ENV, 0)
 

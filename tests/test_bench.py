@@ -10,14 +10,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_bench(*argv: str) -> subprocess.CompletedProcess:
+    """``python bench/<argv>`` from the repo root with the repo importable; asserts that it succeeded."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_train_step_benchmark_quick(tmp_path):
     out = tmp_path / "train_step.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--breakdown", "--optim-baseline", "HEAD",
-                           "--out", str(out)],
-                          cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_bench("bench/train_step.py", "--quick", "--breakdown", "--optim-baseline", "HEAD", "--out", str(out))
     result = json.loads(out.read_text())
     assert "Model name" in result["cpu"] and "L2 cache" in result["cpu"]
     for key in ("dense_step_ms", "srigl_step_ms", "srigl_update_step_ms", "srigl_vs_dense",
@@ -34,10 +37,7 @@ def test_mask_update_benchmark_quick(tmp_path):
     from srigl_jax import _ffi_histogram
 
     out = tmp_path / "mask_update.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "bench/train_step.py", "--quick", "--mask-update", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_bench("bench/train_step.py", "--quick", "--mask-update", "--out", str(out))
     med = json.loads(out.read_text())["median_ms"]
     assert set(med) == {"top_n |w| (drop)", "top_n |grad| (salience)", "column_top_count |grad| (grow)",
                         "update_masks"}
@@ -48,11 +48,8 @@ def test_mask_update_benchmark_quick(tmp_path):
 def test_condense_models_benchmark_quick(tmp_path):
     """bench/condense_models.py --quick: whole (small) models through sj.condense, every row complete."""
     out = tmp_path / "condense_models.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "bench/condense_models.py", "--quick", "--models", "mlp", "resnet18",
-                           "--batches", "1", "--cold", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_bench("bench/condense_models.py", "--quick", "--models", "mlp", "resnet18", "--batches", "1",
+                     "--cold", "--out", str(out))
     result = json.loads(out.read_text())
     assert "Model name" in result["machine"]["cpu"] and "L2 cache" in result["machine"]["cpu"]
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [("mlp", 1), ("resnet18", 1)]
@@ -68,9 +65,6 @@ def test_compile_update_benchmark_quick(tmp_path):
     """bench/compile_update.py runs (small CNN): compile times of update_masks, batched vs one layer at a time,
     and a bit-identity check of the two."""
     out = tmp_path / "compile_update.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "bench/compile_update.py", "--quick", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_bench("bench/compile_update.py", "--quick", "--out", str(out))
     (model,) = json.loads(out.read_text())["models"]
     assert model["bit_identical"] and model["update_compile_s"] > 0 and model["grad_step_compile_s"] > 0

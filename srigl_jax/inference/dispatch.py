@@ -6,7 +6,6 @@ Environment: ``SRIGL_JAX_CONDENSED_FORCE_XLA=1`` makes ``backend="auto"`` use XL
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -21,7 +20,7 @@ BACKENDS = ("auto", "xla", "ffi")
 
 def use_ffi_kernel(x: Array, layer: CondensedLinear) -> bool:
     """True when the C++ kernel is built, not disabled, and supports these dtypes on this backend."""
-    if os.environ.get(FORCE_XLA_ENV, "") not in ("", "0"):
+    if _ffi_kernels.forced_off():
         return False
     return _ffi_kernels.supports(x, layer.values, layer.indices)
 
