@@ -51,8 +51,15 @@ def test_the_gamma_stage_is_needed_only_when_srigl_ablated_nothing():
     assert not ablated_nothing([])  # nothing known yet
     assert ablated_nothing([_summary("srigl", 0.99, 0, 0.7), _summary("rigl", 0.99, 0, 0.7, active=0.9)])
     assert not ablated_nothing([_summary("srigl", 0.99, 0, 0.7), _summary("srigl", 0.9, 0, 0.7, active=0.98)])
-    gamma_stage = CIFAR10.stages[-1]
-    assert gamma_stage.when is ablated_nothing and gamma_stage.overrides == {"gamma_sal": 0.95}
+    # 2 neurons of 1200 (the first real run): the threshold has not changed the method, the variant is needed
+    assert ablated_nothing([_summary("srigl", 0.99, 0, 0.7, active=1 - 2 / 1200)])
+    assert not ablated_nothing([_summary("srigl", 0.99, 0, 0.7, active=1 - reproduce.NEGLIGIBLE_ABLATION)])
+    gamma_stages = [stage for stage in CIFAR10.stages if stage.when is not None]
+    assert gamma_stages and all(stage.when is ablated_nothing and stage.overrides == {"gamma_sal": 0.95}
+                                for stage in gamma_stages)
+    # every gamma_sal 0.95 cell of the grid is covered, at 99% on both seeds
+    covered = {(sp, seed) for stage in gamma_stages for sp in stage.sparsities for seed in stage.seeds}
+    assert covered == {(0.99, 0), (0.99, 1), (0.9, 0), (0.95, 0)}
 
 
 def _need_cifar10():

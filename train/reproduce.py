@@ -75,14 +75,21 @@ class Study:
     description: str
 
 
+# Below this fraction of neurons ablated, gamma_sal 0.3 has not really changed the method: at 99% ERK gives most
+# layers here k0 = 4-6, so theta = max(1, floor(0.3 k0)) = 1 and a neuron goes only when none of its weights is
+# salient (2 of 1200 neurons in the first SRigL run).
+NEGLIGIBLE_ABLATION = 0.01
+
+
 def _srigl_ablated_nothing(summaries: list[dict]) -> bool:
-    """True when every SRigL run (gamma_sal 0.3) done so far kept all its neurons: the paper's threshold does not
-    ablate on this model, so the study adds the value that does."""
+    """True when every SRigL run (gamma_sal 0.3) done so far ablated less than ``NEGLIGIBLE_ABLATION`` of its
+    neurons: the paper's threshold does not ablate on this model, so the study adds the value that does."""
     srigl = [s for s in summaries if s["method"] == "srigl" and s["label"] == METHOD_LABELS["srigl"]]
-    return bool(srigl) and all(s["active_neuron_fraction"] >= 1.0 for s in srigl)
+    return bool(srigl) and all(s["active_neuron_fraction"] > 1.0 - NEGLIGIBLE_ABLATION for s in srigl)
 
 
 _SPARSE = ("rigl", "srigl_noablation", "srigl")
+_GAMMA_095 = {"gamma_sal": 0.95}
 
 CIFAR10 = Study(
     name="cifar10_reproduction",
@@ -91,11 +98,17 @@ CIFAR10 = Study(
     stages=(
         Stage(("dense",)),
         Stage(_SPARSE, (0.99,)),
-        Stage(_SPARSE, (0.9, 0.95)),
+        # Each gamma_sal 0.95 stage right after the gamma_sal 0.3 runs it is compared with (99% first: that is
+        # where the paper's differences are), so an interrupted grid has the informative cells first.
+        Stage(("srigl",), (0.99,), overrides=_GAMMA_095, subdir="gamma0.95", label="SRigL gamma_sal 0.95",
+              when=_srigl_ablated_nothing),
         Stage(_SPARSE, (0.99,), seeds=(1,)),
-        Stage(("dense",), seeds=(1,)),
-        Stage(("srigl",), (0.9, 0.95, 0.99), overrides={"gamma_sal": 0.95}, subdir="gamma0.95",
+        Stage(("srigl",), (0.99,), seeds=(1,), overrides=_GAMMA_095, subdir="gamma0.95",
               label="SRigL gamma_sal 0.95", when=_srigl_ablated_nothing),
+        Stage(_SPARSE, (0.9, 0.95)),
+        Stage(("srigl",), (0.9, 0.95), overrides=_GAMMA_095, subdir="gamma0.95", label="SRigL gamma_sal 0.95",
+              when=_srigl_ablated_nothing),
+        Stage(("dense",), seeds=(1,)),
     ),
 )
 
