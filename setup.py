@@ -56,7 +56,7 @@ kernel = Extension(
     sources=["srigl_jax/csrc/condensed_kernel.cc"],
     depends=["srigl_jax/csrc/condensed_kernel_impl.inc", "srigl_jax/csrc/condensed_conv.h",
              "srigl_jax/csrc/condensed_conv_impl.inc", "srigl_jax/csrc/condensed_conv_ffi.inc",
-             "srigl_jax/csrc/radix_histogram_ffi.inc"],
+             "srigl_jax/csrc/top_select_ffi.inc"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi", "-Wno-attributes"],
     optional=True,

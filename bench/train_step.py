@@ -13,7 +13,7 @@ of one ``update_masks`` call on a 3072x3072 layer, amortised over delta_t steps.
 revision REV (loaded from git and swapped into ``layer_updates`` while tracing), interleaved.
 ``--mask-update`` times only the mask update of the 3072x3072 layer: ``update_masks`` and the three
 selections it makes (global top-n of |w| among the active weights, global top-n of |grad|, per-column
-regrowth), interleaved with the same calls with the histogram kernel switched off (XLA's scatter-add) and
+regrowth), interleaved with the same calls with the selection kernel switched off (XLA's radix select) and
 under ``--baseline``, and checks that all give identical masks. "new" is the ``srigl_jax`` that Python
 imports: with an editable install of another checkout, run from the repo root with ``PYTHONPATH=.`` to time
 this one.
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 import srigl_jax as sj
-from srigl_jax import _ffi_histogram, layer_updates, selection
+from srigl_jax import _ffi_select, layer_updates, selection
 from srigl_jax._ffi_kernels import FORCE_XLA_ENV
 
 try:
@@ -126,11 +126,11 @@ def mask_update_ab(layer_algo, layer_params, layer_masks, grads, key, step, reps
     n_prune, n_keep = layer_updates.prune_counts(mask, layer_algo.drop_fraction(step))
     keep = selection.top_n_mask(w_score, mask, n_keep)
     need = mask.sum(axis=0) - keep.sum(axis=0)  # no ablation: regrow each neuron back to k0
-    # "new" runs its histogram passes on the C++ kernel where it is built; "new, XLA scatter" is the same code
-    # with the kernel switched off (the switch is read while tracing, i.e. on each case's first call below).
+    # "new" selects with the C++ kernel where it is built; "new, XLA select" is the same code with the kernel
+    # switched off (the switch is read while tracing, i.e. on each case's first call below).
     implementations = {"new": (selection, False)}
-    if _ffi_histogram.usable():
-        implementations["new, XLA scatter"] = (selection, True)
+    if _ffi_select.usable():
+        implementations["new, XLA select"] = (selection, True)
     if baseline:
         implementations = {f"baseline {baseline}": (module_at(baseline, "srigl_jax/selection.py", "selection"), False),
                            **implementations}

@@ -105,7 +105,7 @@ def _smoke_result() -> None:
 
 
 class LibraryTarget:
-    """Another FFI target of the loaded kernel library (the conv kernel, the selection's histogram pass),
+    """Another FFI target of the loaded kernel library (the conv kernel, the selection kernel),
     registered with XLA and smoke-tested on first use, thread-safe; ``load()`` records why it cannot be used
     instead of raising (a library built before the target existed, a wrong answer), so callers fall back to XLA."""
 

@@ -5,7 +5,13 @@ deterministically by position: lower (row-major) index first. Layers are viewed 
 (fan_in, n_neurons) matrices (a free reshape of Dense/Conv kernels): one column per neuron. Everything
 has static shapes, so the primitives run under ``jit`` with traced counts.
 
-Algorithm: no sort. The bit patterns of non-negative float32 read as int32 are ordered like the floats,
+Where it runs: on CPU, when the C++ kernel library is built, every selection is one call of
+``srigl_top_select`` (srigl_jax/_ffi_select.py): the selected set is unique, so it is the same mask, and one
+custom call compiles in a fraction of the time of the XLA formulation below (~70 and ~160 fused kernels per
+call site for the global and per-column selections), which dominated the compile time of ``update_masks``.
+On other backends, or without the library, the XLA formulation runs.
+
+Algorithm (XLA): no sort. The bit patterns of non-negative float32 read as int32 are ordered like the floats,
 so "the n largest scores" is "the n largest int32 keys" (ineligible entries get key -1). A radix select
 finds the threshold T, the n-th largest key: each pass histograms one digit of the keys inside the
 current window (one scatter-add over the layer; keys above the window go to one extra bin, keys below
@@ -84,28 +90,6 @@ def _window_histogram(keys, lo, shift, digit_bits: int, per_column: bool):
     return table[:n_bins], table[n_bins]
 
 
-def _window_histogram_of(keys_of, operands, lo, shift, digit_bits: int, per_column: bool):
-    """``_window_histogram(keys_of(*operands), ...)``; the pass of the selection proper (keys of (score,
-    eligible)) runs on the C++ kernel on CPU when it is built (srigl_jax._ffi_histogram: the same integer
-    counts, computed in parallel instead of by XLA:CPU's serial scatter-add)."""
-    from srigl_jax import _ffi_histogram  # loads the kernel library on first use
-
-    def xla(*operands):
-        return _window_histogram(keys_of(*operands), lo, shift, digit_bits, per_column)
-
-    if keys_of is not _sortable_keys or not _ffi_histogram.usable():
-        return xla(*operands)
-
-    def cpu(score, eligible):
-        table = _ffi_histogram.window_histogram_table(score, eligible, lo, shift, digit_bits, per_column)
-        table = table.reshape((1 << digit_bits) + 1, -1)
-        return table[: 1 << digit_bits], table[1 << digit_bits]
-
-    # Integer counts carry no gradient; stopping it keeps functions that select differentiable (the FFI call
-    # has no JVP rule, and platform_dependent traces both branches).
-    return lax.platform_dependent(*(lax.stop_gradient(x) for x in operands), cpu=cpu, default=xla)
-
-
 def _crossing_bin(hist: jax.Array, above: jax.Array, n: jax.Array):
     """Per group, the highest bin b with count(keys >= lower edge of b) >= n, that count and count(keys
     >= upper edge of b). Requires count(keys >= lowest edge) >= n > above.
@@ -157,7 +141,7 @@ def _threshold(keys_of, operands: tuple, n: jax.Array, key_bits: int, per_column
     def refine(operands, n, state):
         """One pass: narrow each unresolved group's window to the bin holding the n-th largest key."""
         lo, shift, c_at, c_above, done = state
-        hist, above = _window_histogram_of(keys_of, operands, lo, shift, digit_bits, per_column)
+        hist, above = _window_histogram(keys_of(*operands), lo, shift, digit_bits, per_column)
         b, at, above_bin = _crossing_bin(hist, above, n)
         resolved = (at == n) | (shift == 0)
         new_state = (
@@ -192,7 +176,26 @@ def _threshold(keys_of, operands: tuple, n: jax.Array, key_bits: int, per_column
 
 def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
     """The n highest eligible scores of a 2-D ``score`` per column or over the matrix; ties go to the
-    lower row / row-major index."""
+    lower row / row-major index. On CPU one call of the C++ kernel (srigl_jax._ffi_select: the same set, and
+    one custom call to compile instead of a while loop of radix passes), elsewhere the XLA radix select."""
+    from srigl_jax import _ffi_select  # loads the kernel library on first use
+
+    if not _ffi_select.usable():
+        return _select_xla(score, eligible, n, per_column)
+
+    def cpu(score, eligible, n):
+        return _ffi_select.select_mask(score, eligible, n, per_column)
+
+    def xla(score, eligible, n):
+        return _select_xla(score, eligible, n, per_column)
+
+    # A mask carries no gradient; stopping it keeps functions that select differentiable (the FFI call has no
+    # JVP rule, and platform_dependent traces both branches).
+    return lax.platform_dependent(*(lax.stop_gradient(x) for x in (score, eligible, n)), cpu=cpu, default=xla)
+
+
+def _select_xla(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
+    """``_select`` as an XLA radix select (any backend)."""
     t, surplus, n_above = _threshold(_sortable_keys, (score, eligible), n, _SCORE_KEY_BITS, per_column)
     n_rows, n_cols = score.shape
     rows = jnp.arange(n_rows, dtype=jnp.int32)[:, None]

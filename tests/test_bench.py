@@ -33,15 +33,15 @@ def test_train_step_benchmark_quick(tmp_path):
 
 
 def test_mask_update_benchmark_quick(tmp_path):
-    """--mask-update: update_masks and its selections, with and without the histogram kernel, identical masks."""
-    from srigl_jax import _ffi_histogram
+    """--mask-update: update_masks and its selections, with and without the selection kernel, identical masks."""
+    from srigl_jax import _ffi_select
 
     out = tmp_path / "mask_update.json"
     run_bench("bench/train_step.py", "--quick", "--mask-update", "--out", str(out))
     med = json.loads(out.read_text())["median_ms"]
     assert set(med) == {"top_n |w| (drop)", "top_n |grad| (salience)", "column_top_count |grad| (grow)",
                         "update_masks"}
-    impls = {"new", "new, XLA scatter"} if _ffi_histogram.usable() else {"new"}
+    impls = {"new", "new, XLA select"} if _ffi_select.usable() else {"new"}
     assert all(set(by_impl) == impls and min(by_impl.values()) > 0 for by_impl in med.values())
 
 

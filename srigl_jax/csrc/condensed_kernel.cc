@@ -277,5 +277,5 @@ extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel()
 // The condensed convolution (srigl_condensed_conv2d) shares the ISA copies and thread conventions above.
 #include "condensed_conv_ffi.inc"
 
-// The histogram pass of the exact radix select in srigl_jax/selection.py (srigl_radix_histogram).
-#include "radix_histogram_ffi.inc"
+// The exact top-n selection of srigl_jax/selection.py in one call (srigl_top_select).
+#include "top_select_ffi.inc"
