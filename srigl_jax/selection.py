@@ -176,8 +176,9 @@ def _threshold(keys_of, operands: tuple, n: jax.Array, key_bits: int, per_column
 
 def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
     """The n highest eligible scores of a 2-D ``score`` per column or over the matrix; ties go to the
-    lower row / row-major index. On CPU one call of the C++ kernel (srigl_jax._ffi_select: the same set, and
-    one custom call to compile instead of a while loop of radix passes), elsewhere the XLA radix select."""
+    lower row / row-major index; ``n`` ((C,) per column, else (1,)) is clipped to [0, #eligible]. On CPU one
+    call of the C++ kernel (srigl_jax._ffi_select: the same set, and one custom call to compile instead of a
+    while loop of radix passes), elsewhere the XLA radix select."""
     from srigl_jax import _ffi_select  # loads the kernel library on first use
 
     if not _ffi_select.usable():
@@ -187,7 +188,7 @@ def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: boo
         return _ffi_select.select_mask(score, eligible, n, per_column)
 
     def xla(score, eligible, n):
-        return _select_xla(score, eligible, n, per_column)
+        return _select_xla_jit(score, eligible, n, per_column)
 
     # A mask carries no gradient; stopping it keeps functions that select differentiable (the FFI call has no
     # JVP rule, and platform_dependent traces both branches).
@@ -196,6 +197,9 @@ def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: boo
 
 def _select_xla(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
     """``_select`` as an XLA radix select (any backend)."""
+    # The radix select needs 0 <= n <= #eligible (the kernel clips on its own: no reductions to compile there).
+    n_eligible = jnp.sum(eligible, axis=0 if per_column else None, dtype=jnp.int32)
+    n = jnp.clip(n, 0, n_eligible)
     t, surplus, n_above = _threshold(_sortable_keys, (score, eligible), n, _SCORE_KEY_BITS, per_column)
     n_rows, n_cols = score.shape
     rows = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
@@ -236,6 +240,11 @@ def _select_xla(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column:
     return (keys > t) | (tie & (position <= last_kept))
 
 
+# platform_dependent traces every branch, the unused XLA one too: traced through jit, it is traced once per
+# shape (jit's cache) instead of once per call site, which halved the trace time of update_masks on ResNet-50.
+_select_xla_jit = jax.jit(_select_xla, static_argnums=3)
+
+
 def _as_matrix(x: jax.Array) -> jax.Array:
     """Any shape -> 2-D, keeping row-major order."""
     return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
@@ -255,7 +264,7 @@ def top_n_mask(score: jax.Array, eligible: jax.Array, n: jax.Array) -> jax.Array
     """
     if score.size == 0:  # nothing to select (and no row to index when cutting ties)
         return jnp.zeros(score.shape, bool)
-    n = jnp.clip(jnp.asarray(n, jnp.int32), 0, jnp.sum(eligible, dtype=jnp.int32)).reshape(1)
+    n = jnp.asarray(n, jnp.int32).reshape(1)
     return _select(_as_matrix(score), _as_matrix(eligible), n, per_column=False).reshape(score.shape)
 
 
@@ -271,8 +280,7 @@ def column_top_count_mask(score: jax.Array, eligible: jax.Array, counts: jax.Arr
     >>> column_top_count_mask(s, s >= 0, jnp.array([2, 2])).T.astype(int).tolist()
     [[1, 0, 1, 0], [1, 0, 1, 0]]
     """
-    n = jnp.clip(counts.astype(jnp.int32), 0, jnp.sum(eligible, axis=0, dtype=jnp.int32))
-    return _select(score, eligible, n, per_column=True)
+    return _select(score, eligible, counts.astype(jnp.int32), per_column=True)
 
 
 def kth_largest(values: jax.Array, k: int) -> jax.Array:
