@@ -2,7 +2,9 @@
 
 Layers whose slices have equal plans (shape, budget, ablation) share one compiled, ``lax.map``-ped update
 (``DynamicSparsity._groups``); "one by one" compiles each layer's update separately, as before batching.
-Both must give bit-identical masks and params (checked here on one update step).
+Both must give bit-identical masks and params (checked here on one update step). On CPU every selection is one
+call of the C++ selection kernel where it is built (srigl_jax/_ffi_select.py); ``SRIGL_JAX_CONDENSED_FORCE_XLA=1``
+times the XLA radix select instead.
 
     PYTHONPATH=. python bench/compile_update.py                 # ResNet-50 and ViT-B/16 (a few minutes)
     PYTHONPATH=. python bench/compile_update.py --quick         # smoke run on a small CNN
@@ -31,6 +33,9 @@ except ImportError:
 
 
 def _timed_compile(fn, *args) -> tuple[float, object]:
+    # Every variant from cold caches: the selections trace their XLA fallback through a jitted function, and a
+    # warm jit cache left by the previous variant would flatter the next one.
+    jax.clear_caches()
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return time.perf_counter() - start, compiled
@@ -64,7 +69,7 @@ def measure(name: str, model_kwargs: dict, batch: int, reps: int) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     grad_compile_s, grad_fn = _timed_compile(jax.grad(loss), params, x, y)
-    grads = grad_fn(params, x, y)
+    grads = jax.block_until_ready(grad_fn(params, x, y))  # not still running while update_masks compiles
     step = jnp.int32(algo.delta_t)   # an update step
     args = (params, grads, masks, key, step)
     grouped_s, grouped = _timed_compile(algo.update_masks, *args)
