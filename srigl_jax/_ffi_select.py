@@ -22,18 +22,19 @@ TARGET_NAME = "srigl_top_select"
 
 
 def reference_select(score: np.ndarray, eligible: np.ndarray, n, per_column: bool) -> np.ndarray:
-    """The selection's definition in numpy (lexsort): the n largest keys, ties to the lower position."""
+    """The selection's definition in numpy (lexsort): the n largest keys (n clipped to [0, #eligible]; keys < 0,
+    i.e. ineligible entries and negative scores, never), ties to the lower position."""
     keys = np.where(eligible, np.asarray(score, np.float32).view(np.int32), -1).astype(np.int64)
     out = np.zeros(keys.shape, bool)
     if per_column:
         rows = np.arange(keys.shape[0])
         for c in range(keys.shape[1]):
             order = np.lexsort((rows, -keys[:, c]))
-            chosen = order[: int(n[c])]
+            chosen = order[: max(int(n[c]), 0)]
             out[chosen[keys[chosen, c] >= 0], c] = True
     else:
         flat = keys.ravel()
-        order = np.lexsort((np.arange(flat.size), -flat))[: int(np.ravel(n)[0])]
+        order = np.lexsort((np.arange(flat.size), -flat))[: max(int(np.ravel(n)[0]), 0)]
         out.ravel()[order[flat[order] >= 0]] = True
     return out
 

@@ -237,7 +237,8 @@ def _select_xla(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column:
         lambda: last_kept_tie().astype(keep_all_ties.dtype),  # int sums widen under jax_enable_x64
         lambda: keep_all_ties,
     )
-    return (keys > t) | (tie & (position <= last_kept))
+    # n == 0 leaves t at _NEVER, which a NaN bit pattern (0x7FFFFFFF) could still equal: select nothing there.
+    return ((keys > t) | (tie & (position <= last_kept))) & (n > 0)
 
 
 # platform_dependent traces every branch, the unused XLA one too: traced through jit, it is traced once per
@@ -254,8 +255,8 @@ def top_n_mask(score: jax.Array, eligible: jax.Array, n: jax.Array) -> jax.Array
     """Boolean mask of the ``n`` highest-scoring eligible entries of ``score`` (any shape).
 
     ``n`` may be traced; it is clipped to [0, #eligible]. Exactly ``min(n, #eligible)`` entries are
-    selected; ties go to the lower flat (row-major) index. Two histogram passes over the layer (see the
-    module docstring), plus two more only if a tie at the threshold has to be cut.
+    selected; ties go to the lower flat (row-major) index. On CPU one call of the C++ kernel; elsewhere two
+    histogram passes over the layer (see the module docstring), plus two more only if a tie has to be cut.
 
     >>> import jax.numpy as jnp
     >>> s = jnp.array([[0.5, 2.0, 2.0], [1.0, 2.0, 0.0]])

@@ -26,10 +26,11 @@ def _random_case(rng, rows, cols, per_column, ties):
     if ties:  # few distinct values, zeros and float32 max among them
         score = rng.choice(np.array([0.0, 0.5, 1.0, np.finfo(np.float32).max], np.float32), (rows, cols))
     eligible = rng.random((rows, cols)) < rng.choice([0.0, 0.3, 0.8, 1.0])
-    if per_column:  # 0 .. all eligible per column (the callers clip to that range)
-        n = (rng.random(cols) * (eligible.sum(0) + 1)).astype(np.int32)
+    # n from below 0 to above the eligible count: both implementations clip to [0, #eligible] themselves
+    if per_column:
+        n = rng.integers(-2, rows + 3, cols).astype(np.int32)
     else:
-        n = np.array([rng.integers(0, eligible.sum() + 1)], np.int32)
+        n = np.array([rng.integers(-2, rows * cols + 3)], np.int32)
     return score, eligible, n
 
 
@@ -42,7 +43,29 @@ def test_kernel_selects_the_definition(rows, cols, per_column, seed, ties):
     np.testing.assert_array_equal(_kernel(score, eligible, n, per_column), want)
     np.testing.assert_array_equal(_xla(score, eligible, n, per_column), want)
     counts = want.sum(axis=0) if per_column else np.atleast_1d(want.sum())
-    np.testing.assert_array_equal(counts, n)  # exactly n, never more: ties are cut
+    available = eligible.sum(axis=0) if per_column else np.atleast_1d(eligible.sum())
+    np.testing.assert_array_equal(counts, np.clip(n, 0, available))  # exactly n, never more: ties are cut
+
+
+def test_kernel_with_special_floats_and_columns_with_fewer_eligible_than_wanted():
+    """Zeros, -0.0 and other negative scores (keys < 0: never selected, by the kernel's definition), float32 max,
+    +Inf and NaN bit patterns (ordered above every finite score); per column, n above the eligible count on a
+    column long enough for the min-heap path (n * 8 < rows) and on one that collects every row."""
+    rng = np.random.default_rng(1)
+    specials = np.array([0.0, -0.0, -1.0, 1.0, np.finfo(np.float32).max, np.inf, np.nan], np.float32)
+    score = rng.choice(specials, (200, 12))
+    eligible = rng.random(score.shape) < 0.9
+    eligible[:, 0] = False
+    eligible[:5, 0] = True                                   # 5 eligible of 200 rows, 20 wanted (heap path)
+    n_col = np.array([20, 0, 3, 150, 199, 200, 7, 1, 2, 500, -1, 40], np.int32)
+    for per_column, n in ((True, n_col), (False, np.array([700], np.int32)), (False, np.array([0], np.int32))):
+        want = _ffi_select.reference_select(score, eligible, n, per_column)
+        np.testing.assert_array_equal(_kernel(score, eligible, n, per_column), want)
+    # n = 0 selects nothing on the XLA path too, even where keys equal its "no threshold" value (a NaN pattern)
+    nan_max = np.full((4, 3), np.array(0x7FFFFFFF, np.int32).view(np.float32))
+    for per_column, n in ((True, np.zeros(3, np.int32)), (False, np.zeros(1, np.int32))):
+        assert not np.asarray(_xla(nan_max, np.ones((4, 3), bool), n, per_column)).any()
+        assert not np.asarray(_kernel(nan_max, np.ones((4, 3), bool), n, per_column)).any()
 
 
 def test_kernel_on_a_large_layer_split_over_threads():
