@@ -1,13 +1,15 @@
-"""The exact top-n selection on the C++ kernel (``srigl_top_select``, CPU, XLA FFI).
+"""The exact top-n selection (``srigl_top_select``) and per-column counts (``srigl_column_counts``) on the C++
+kernels (CPU, XLA FFI).
 
 :func:`srigl_jax.selection.top_n_mask` and ``column_top_count_mask`` select the n largest sortable keys of
 (score, eligible), ties to the lower position: one well-defined set, which the kernel computes in one call instead
 of XLA's while loop of radix passes. The masks are identical either way (tests/test_selection_kernel.py); what
-changes is that every call site compiles to one custom call instead of 70-160 fused kernels, which made the
-compile time of ``update_masks`` (bench/compile_update.py). It lives in the condensed kernels' shared library
+changes is that every call site compiles to one custom call instead of 70-160 fused kernels, which dominated the
+compile time of ``update_masks`` (bench/compile_update.py). Likewise for the per-column counts of a boolean mask
+(fan-in, kept weights), which XLA:CPU compiles into four kernels each. Both live in the condensed kernels' shared library
 and follows its settings (``srigl_jax._ffi_kernels``: ``SRIGL_JAX_CONDENSED_FORCE_XLA=1`` uses the XLA
-formulation instead, ``SRIGL_JAX_CONDENSED_MAX_THREADS``). Off CPU, or without the built library, selections use
-the XLA formulation.
+formulation instead, ``SRIGL_JAX_CONDENSED_MAX_THREADS``). Off CPU, or without the built library, both use
+their XLA formulation.
 """
 
 from __future__ import annotations
@@ -50,12 +52,29 @@ def _smoke_result() -> None:
             raise RuntimeError(f"selection smoke test gave {got.tolist()}, expected {want.tolist()}")
 
 
+def _smoke_counts() -> None:
+    mask = np.array([[True, False, True], [True, True, False]])
+    got = np.asarray(jax.jit(_counts_call)(mask))
+    if not np.array_equal(got, mask.sum(axis=0)):
+        raise RuntimeError(f"column-count smoke test gave {got.tolist()}, expected {mask.sum(axis=0).tolist()}")
+
+
 _TARGET = _ffi_kernels.LibraryTarget(TARGET_NAME, "SriglTopSelect", _smoke_result, "selection kernel")
+COUNTS_TARGET_NAME = "srigl_column_counts"
+_COUNTS_TARGET = _ffi_kernels.LibraryTarget(COUNTS_TARGET_NAME, "SriglColumnCounts", _smoke_counts,
+                                            "column-count kernel")
 
 
 def usable() -> bool:
-    """True if selections should run on the kernel (built, registered, not forced off)."""
-    return not _ffi_kernels.forced_off() and bool(_TARGET.load()["ok"])
+    """True if selections and column counts should run on the kernels (built, registered, not forced off)."""
+    return (not _ffi_kernels.forced_off() and bool(_TARGET.load()["ok"])
+            and bool(_COUNTS_TARGET.load()["ok"]))
+
+
+def _counts_call(mask):
+    call = jax.ffi.ffi_call(COUNTS_TARGET_NAME, jax.ShapeDtypeStruct(mask.shape[1:], jnp.int32),
+                            vmap_method="sequential")
+    return call(mask.astype(bool), max_threads=np.int64(_ffi_kernels._max_threads()))
 
 
 def _ffi_call(score, eligible, n, per_column: bool):
@@ -68,3 +87,8 @@ def select_mask(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column:
     """The (R, C) mask of the n largest eligible scores per column (``n`` (C,)) or overall (``n`` (1,)); semantics
     of ``selection._select``. CPU only: callers dispatch per platform."""
     return _ffi_call(score, jnp.broadcast_to(eligible, score.shape), n, per_column)
+
+
+def column_counts(mask: jax.Array) -> jax.Array:
+    """int32 count of True per column of a 2-D boolean ``mask``. CPU only: callers dispatch per platform."""
+    return _counts_call(mask)

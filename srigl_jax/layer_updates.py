@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from srigl_jax.plans import LayerPlan
-from srigl_jax.selection import column_top_count_mask, kth_largest, top_n_mask
+from srigl_jax.selection import column_counts, column_top_count_mask, kth_largest, top_n_mask
 
 
 def as_matrix(x: jax.Array) -> jax.Array:
@@ -26,7 +26,7 @@ def as_matrix(x: jax.Array) -> jax.Array:
 
 def neuron_fan_in(mask: jax.Array) -> jax.Array:
     """Active weights per neuron (last axis) of a kernel mask."""
-    return jnp.sum(as_matrix(mask), axis=0, dtype=jnp.int32)
+    return column_counts(as_matrix(mask))
 
 
 def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -35,7 +35,7 @@ def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.
     The product is float32 (no x64 under jit): above 2^24 nonzeros in one layer n_prune may differ from the
     exact floor by one; n_keep = nnz - n_prune stays consistent, so no invariant depends on it.
     """
-    n_active = jnp.sum(mask, dtype=jnp.int32)
+    n_active = jnp.sum(column_counts(as_matrix(mask)), dtype=jnp.int32)
     n_prune = jnp.floor(n_active.astype(jnp.float32) * drop_frac).astype(jnp.int32)
     return n_prune, n_active - n_prune
 
@@ -61,7 +61,7 @@ def srigl_active_neurons(
     the drop step's selection whenever no neuron is ablated."""
     keep_by_w = top_n_mask(w_score, mask, n_keep)
     salient = keep_by_w | top_n_mask(g_score, jnp.ones_like(mask), n_prune)
-    counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
+    counts = column_counts(salient)
     floor_theta = kth_largest(counts, min_active)
     return counts >= jnp.minimum(theta, floor_theta), keep_by_w
 
@@ -105,7 +105,7 @@ def srigl_layer_mask(
     k_new = plan.nnz_budget // jnp.sum(active, dtype=jnp.int32)
     # Step 7 continued: cap each neuron at k' (only needed when k' shrank, e.g. after neurons were revived, so
     # the per-row pass is skipped otherwise).
-    kept_per_neuron = jnp.sum(keep, axis=0, dtype=jnp.int32)
+    kept_per_neuron = column_counts(keep)
     keep = lax.cond(
         jnp.any(kept_per_neuron > k_new),
         lambda k: column_top_count_mask(w_score, k, jnp.minimum(kept_per_neuron, k_new)),
@@ -113,7 +113,7 @@ def srigl_layer_mask(
         keep,
     )
     # Step 8: each survivor regrows its largest-|grad| inactive positions up to exactly k'.
-    need = jnp.where(active, k_new - jnp.sum(keep, axis=0, dtype=jnp.int32), 0)
+    need = jnp.where(active, k_new - column_counts(keep), 0)
     grow = column_top_count_mask(g_score, ~keep, need)
     return keep | grow
 
