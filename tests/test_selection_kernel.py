@@ -1,6 +1,6 @@
 """The exact top-n selection on the C++ kernel (srigl_jax/_ffi_select.py) selects exactly what its definition
 (numpy lexsort: the n largest keys, ties to the lower position) and XLA's radix select select, so every mask
-update is bit-identical with and without it.
+update is bit-identical with and without it; the column-count kernel counts what a column sum counts.
 
 Skipped where the kernel library is not built (selections then always use the XLA formulation)."""
 
@@ -151,3 +151,23 @@ def test_gpu_lowering_uses_the_xla_formulation():
     traced = jax.jit(selection.top_n_mask).trace(score, eligible, 5)
     assert _ffi_select.TARGET_NAME not in traced.lower(lowering_platforms=("cuda",)).as_text()
     assert _ffi_select.TARGET_NAME in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(0, 70), cols=st.integers(1, 700), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+       seed=st.integers(0, 2**31 - 1))
+def test_column_counts_kernel_counts_per_column(rows, cols, density, seed):
+    mask = np.random.default_rng(seed).random((rows, cols)) < density
+    np.testing.assert_array_equal(jax.jit(_ffi_select.column_counts)(mask), mask.sum(axis=0))
+    np.testing.assert_array_equal(jax.jit(selection.column_counts)(mask), mask.sum(axis=0))
+
+
+def test_column_counts_on_a_large_mask_split_over_threads():
+    mask = np.random.default_rng(2).random((3072, 1000)) < 0.3  # 1000 columns: tiles of 256 and a short one
+    np.testing.assert_array_equal(jax.jit(_ffi_select.column_counts)(mask), mask.sum(axis=0))
+
+
+def test_gpu_lowering_counts_with_xla():
+    traced = jax.jit(selection.column_counts).trace(jnp.ones((8, 6), bool))
+    assert _ffi_select.COUNTS_TARGET_NAME not in traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert _ffi_select.COUNTS_TARGET_NAME in traced.lower(lowering_platforms=("cpu",)).as_text()
