@@ -54,7 +54,7 @@ def _smoke_result() -> None:
 
 def _smoke_counts() -> None:
     mask = np.array([[True, False, True], [True, True, False]])
-    got = np.asarray(jax.jit(_counts_call)(mask))
+    got = np.asarray(jax.jit(column_counts)(mask))
     if not np.array_equal(got, mask.sum(axis=0)):
         raise RuntimeError(f"column-count smoke test gave {got.tolist()}, expected {mask.sum(axis=0).tolist()}")
 
@@ -71,10 +71,6 @@ def usable() -> bool:
             and bool(_COUNTS_TARGET.load()["ok"]))
 
 
-def _counts_call(mask):
-    call = jax.ffi.ffi_call(COUNTS_TARGET_NAME, jax.ShapeDtypeStruct(mask.shape[1:], jnp.int32),
-                            vmap_method="sequential")
-    return call(mask.astype(bool), max_threads=np.int64(_ffi_kernels._max_threads()))
 
 
 def _ffi_call(score, eligible, n, per_column: bool):
@@ -91,4 +87,6 @@ def select_mask(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column:
 
 def column_counts(mask: jax.Array) -> jax.Array:
     """int32 count of True per column of a 2-D boolean ``mask``. CPU only: callers dispatch per platform."""
-    return _counts_call(mask)
+    call = jax.ffi.ffi_call(COUNTS_TARGET_NAME, jax.ShapeDtypeStruct(mask.shape[1:], jnp.int32),
+                            vmap_method="sequential")
+    return call(mask.astype(bool), max_threads=np.int64(_ffi_kernels._max_threads()))

@@ -35,7 +35,7 @@ def prune_counts(mask: jax.Array, drop_frac: jax.Array) -> tuple[jax.Array, jax.
     The product is float32 (no x64 under jit): above 2^24 nonzeros in one layer n_prune may differ from the
     exact floor by one; n_keep = nnz - n_prune stays consistent, so no invariant depends on it.
     """
-    n_active = jnp.sum(column_counts(as_matrix(mask)), dtype=jnp.int32)
+    n_active = jnp.sum(neuron_fan_in(mask), dtype=jnp.int32)
     n_prune = jnp.floor(n_active.astype(jnp.float32) * drop_frac).astype(jnp.int32)
     return n_prune, n_active - n_prune
 
@@ -112,8 +112,10 @@ def srigl_layer_mask(
         lambda k: k,
         keep,
     )
-    # Step 8: each survivor regrows its largest-|grad| inactive positions up to exactly k'.
-    need = jnp.where(active, k_new - column_counts(keep), 0)
+    # Step 8: each survivor regrows its largest-|grad| inactive positions up to exactly k'. The cap kept exactly
+    # min(kept, k') per neuron (a selection takes exactly its count when that many are eligible), and without it
+    # kept <= k' already: no second count of ``keep``.
+    need = jnp.where(active, k_new - jnp.minimum(kept_per_neuron, k_new), 0)
     grow = column_top_count_mask(g_score, ~keep, need)
     return keep | grow
 

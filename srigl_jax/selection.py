@@ -181,18 +181,20 @@ def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: boo
     while loop of radix passes), elsewhere the XLA radix select."""
     from srigl_jax import _ffi_select  # loads the kernel library on first use
 
+    return _on_cpu_kernel(lambda *a: _ffi_select.select_mask(*a, per_column),
+                          lambda *a: _select_xla_jit(*a, per_column), score, eligible, n)
+
+
+def _on_cpu_kernel(cpu, xla, *operands):
+    """``cpu(*operands)`` (a call of the C++ kernels) when lowered for CPU and the kernels are usable, else
+    ``xla(*operands)``. The results are integer or boolean: they carry no gradient, and stopping it keeps
+    functions that select differentiable (an FFI call has no JVP rule, and platform_dependent traces both
+    branches)."""
+    from srigl_jax import _ffi_select  # loads the kernel library on first use
+
     if not _ffi_select.usable():
-        return _select_xla(score, eligible, n, per_column)
-
-    def cpu(score, eligible, n):
-        return _ffi_select.select_mask(score, eligible, n, per_column)
-
-    def xla(score, eligible, n):
-        return _select_xla_jit(score, eligible, n, per_column)
-
-    # A mask carries no gradient; stopping it keeps functions that select differentiable (the FFI call has no
-    # JVP rule, and platform_dependent traces both branches).
-    return lax.platform_dependent(*(lax.stop_gradient(x) for x in (score, eligible, n)), cpu=cpu, default=xla)
+        return xla(*operands)
+    return lax.platform_dependent(*(lax.stop_gradient(x) for x in operands), cpu=cpu, default=xla)
 
 
 def _select_xla(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
@@ -253,13 +255,8 @@ def column_counts(mask: jax.Array) -> jax.Array:
     """
     from srigl_jax import _ffi_select  # loads the kernel library on first use
 
-    def xla(mask):
-        return jnp.sum(mask, axis=0, dtype=jnp.int32)
-
-    mask = jnp.asarray(mask, bool)
-    if not _ffi_select.usable():
-        return xla(mask)
-    return lax.platform_dependent(lax.stop_gradient(mask), cpu=_ffi_select.column_counts, default=xla)
+    return _on_cpu_kernel(_ffi_select.column_counts, lambda m: jnp.sum(m, axis=0, dtype=jnp.int32),
+                          jnp.asarray(mask, bool))
 
 
 # platform_dependent traces every branch, the unused XLA one too: traced through jit, it is traced once per
