@@ -9,7 +9,8 @@ Where it runs: on CPU, when the C++ kernel library is built, every selection is 
 ``srigl_top_select`` (srigl_jax/_ffi_select.py): the selected set is unique, so it is the same mask, and one
 custom call compiles in a fraction of the time of the XLA formulation below (~70 and ~160 fused kernels per
 call site for the global and per-column selections), which dominated the compile time of ``update_masks``.
-On other backends, or without the library, the XLA formulation runs.
+On other backends, or without the library, the XLA formulation runs. The choice is made when lowering (a JAX
+primitive with a CPU lowering and a default one, ``_CpuKernelOrXla``), so code traced once runs on any backend.
 
 Algorithm (XLA): no sort. The bit patterns of non-negative float32 read as int32 are ordered like the floats,
 so "the n largest scores" is "the n largest int32 keys" (ineligible entries get key -1). A radix select
@@ -36,9 +37,14 @@ if some tie is cut, which float32 scores of large layers do now and then.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 from jax import lax
+from jax._src import dispatch  # apply_primitive: a primitive's eager (un-jitted) call
+from jax.interpreters import batching, mlir
 
 _FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 # Non-negative float32 bit patterns (largest: float32 max, 0x7F7FFFFF) are below 2**31.
@@ -179,22 +185,50 @@ def _select(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: boo
     lower row / row-major index; ``n`` ((C,) per column, else (1,)) is clipped to [0, #eligible]. On CPU one
     call of the C++ kernel (srigl_jax._ffi_select: the same set, and one custom call to compile instead of a
     while loop of radix passes), elsewhere the XLA radix select."""
-    from srigl_jax import _ffi_select  # loads the kernel library on first use
-
-    return _on_cpu_kernel(lambda *a: _ffi_select.select_mask(*a, per_column),
-                          lambda *a: _select_xla_jit(*a, per_column), score, eligible, n)
+    return _SELECT.bind(score, eligible, n, per_column=per_column)
 
 
-def _on_cpu_kernel(cpu, xla, *operands):
-    """``cpu(*operands)`` (a call of the C++ kernels) when lowered for CPU and the kernels are usable, else
-    ``xla(*operands)``. The results are integer or boolean: they carry no gradient, and stopping it keeps
-    functions that select differentiable (an FFI call has no JVP rule, and platform_dependent traces both
-    branches)."""
-    from srigl_jax import _ffi_select  # loads the kernel library on first use
+class _CpuKernelOrXla:
+    """A primitive that lowers to a C++ kernel call on CPU and to its XLA formulation on every other platform,
+    when the kernel library is usable (else the XLA formulation is called directly).
 
-    if not _ffi_select.usable():
-        return xla(*operands)
-    return lax.platform_dependent(*(lax.stop_gradient(x) for x in operands), cpu=cpu, default=xla)
+    The XLA formulation is traced only when lowering for a non-CPU platform: with ``lax.platform_dependent``
+    every call site traced both, and tracing the unused radix selects was two thirds of the trace time of
+    ``update_masks`` on ResNet-50. Operands may carry leading batch axes (vmap); the lowerings map over them.
+    The outputs are integer or boolean: no gradient flows through, and the operands' gradients are stopped, so
+    functions that select stay differentiable.
+    """
+
+    def __init__(self, name, cpu, xla, out_aval, core_rank: int):
+        self._xla, self._core_rank = xla, core_rank
+        self.primitive = jax.extend.core.Primitive(name)
+        self.primitive.def_impl(functools.partial(dispatch.apply_primitive, self.primitive))
+        self.primitive.def_abstract_eval(out_aval)
+        mlir.register_lowering(self.primitive, mlir.lower_fun(self._over_batch(xla), multiple_results=False))
+        mlir.register_lowering(self.primitive, mlir.lower_fun(self._over_batch(cpu), multiple_results=False),
+                               platform="cpu")
+        batching.primitive_batchers[self.primitive] = self._batch
+
+    def _over_batch(self, fn):
+        def run(*operands, **params):
+            f = functools.partial(fn, **params)
+            for _ in range(operands[0].ndim - self._core_rank):
+                f = jax.vmap(f)
+            return f(*operands)
+        return run
+
+    def _batch(self, operands, dims, **params):
+        size = next(x.shape[d] for x, d in zip(operands, dims) if d is not None)
+        operands = [jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+                    for x, d in zip(operands, dims)]
+        return self.primitive.bind(*operands, **params), 0
+
+    def bind(self, *operands, **params):
+        from srigl_jax import _ffi_select  # loads the kernel library on first use
+
+        if not _ffi_select.usable():
+            return self._xla(*operands, **params)
+        return self.primitive.bind(*(lax.stop_gradient(x) for x in operands), **params)
 
 
 def _select_xla(score: jax.Array, eligible: jax.Array, n: jax.Array, per_column: bool) -> jax.Array:
@@ -253,15 +287,32 @@ def column_counts(mask: jax.Array) -> jax.Array:
     >>> column_counts(jnp.array([[True, False], [True, True], [False, False]])).tolist()
     [2, 1]
     """
-    from srigl_jax import _ffi_select  # loads the kernel library on first use
-
-    return _on_cpu_kernel(_ffi_select.column_counts, lambda m: jnp.sum(m, axis=0, dtype=jnp.int32),
-                          jnp.asarray(mask, bool))
+    return _COLUMN_COUNTS.bind(jnp.asarray(mask, bool))
 
 
-# platform_dependent traces every branch, the unused XLA one too: traced through jit, it is traced once per
-# shape (jit's cache) instead of once per call site, which halved the trace time of update_masks on ResNet-50.
-_select_xla_jit = jax.jit(_select_xla, static_argnums=3)
+def _column_counts_xla(mask: jax.Array) -> jax.Array:
+    return jnp.sum(mask, axis=0, dtype=jnp.int32)
+
+
+def _select_on_kernel(score, eligible, n, per_column):
+    from srigl_jax import _ffi_select
+
+    return _ffi_select.select_mask(score, eligible, n, per_column)
+
+
+def _column_counts_on_kernel(mask):
+    from srigl_jax import _ffi_select
+
+    return _ffi_select.column_counts(mask)
+
+
+# Lowered per call site: through jit, the XLA formulation is traced once per shape (jit's cache) instead.
+_SELECT = _CpuKernelOrXla(
+    "select_top_n", _select_on_kernel, jax.jit(_select_xla, static_argnames="per_column"),
+    lambda score, eligible, n, per_column: jax.core.ShapedArray(score.shape, jnp.bool_), core_rank=2)
+_COLUMN_COUNTS = _CpuKernelOrXla(
+    "count_per_column", _column_counts_on_kernel, _column_counts_xla,
+    lambda mask: jax.core.ShapedArray(mask.shape[:-2] + mask.shape[-1:], jnp.int32), core_rank=2)
 
 
 def _as_matrix(x: jax.Array) -> jax.Array:

@@ -133,6 +133,32 @@ def test_mask_update_is_bit_identical_with_and_without_the_kernel(monkeypatch):
     assert all(jax.tree.leaves(changed))  # the update did change every mask
 
 
+@settings(max_examples=4, deadline=None)
+@given(batch=st.integers(1, 4), rows=st.integers(1, 40), cols=st.integers(1, 300), seed=st.integers(0, 2**31 - 1))
+def test_vmapped_selections_and_counts_equal_slice_by_slice(batch, rows, cols, seed):
+    """Under vmap (as in the analysis simulations), with the kernel and with XLA: each slice's selection is the
+    definition's, with unbatched operands shared across the batch."""
+    rng = np.random.default_rng(seed)
+    score = np.abs(rng.standard_normal((batch, rows, cols))).astype(np.float32)
+    eligible = rng.random((rows, cols)) < 0.7   # one eligibility for the whole batch (not mapped)
+    counts = rng.integers(0, rows + 1, (batch, cols)).astype(np.int32)
+    n = np.int32(rng.integers(0, rows * cols + 1))
+    cases = (
+        (jax.vmap(selection.column_top_count_mask, in_axes=(0, None, 0)), (score, eligible, counts),
+         [_ffi_select.reference_select(score[b], eligible, counts[b], True) for b in range(batch)]),
+        (jax.vmap(selection.top_n_mask, in_axes=(0, None, None)), (score, eligible, n),
+         [_ffi_select.reference_select(score[b], eligible, np.array([n]), False) for b in range(batch)]),
+        (jax.vmap(jax.vmap(selection.column_counts)), ((score > 1.0).reshape(batch, 1, rows, cols),),
+         [(score[b] > 1.0).sum(axis=0)[None] for b in range(batch)]),
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for fn, args, want in cases:
+            for force_xla in (False, True):
+                monkeypatch.setenv(FORCE_XLA_ENV, "1") if force_xla else monkeypatch.delenv(FORCE_XLA_ENV, False)
+                got = jax.jit(lambda *a, fn=fn: fn(*a))(*args)
+                np.testing.assert_array_equal(got, np.stack(want))
+
+
 def test_selections_stay_differentiable():
     """A mask carries no gradient; a loss that selects still differentiates with the kernel (as with XLA)."""
     score = jnp.abs(jax.random.normal(jax.random.key(0), (16, 8)))
