@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.layer_updates import neuron_fan_in as _core_neuron_fan_in
 from srigl_jax.metrics import init_itop, itop_rate, update_itop
 from srigl_jax.paths import path_str
 from srigl_jax.plans import LayerPlan
@@ -351,14 +350,6 @@ def flops_report(masks: Any, positions: Mapping[str, int], method: str = "srigl"
 # ----------------------------------------------------------------------------------------------
 # (c) active neurons and fan-in
 # ----------------------------------------------------------------------------------------------
-
-
-def neuron_fan_in(mask: np.ndarray | jax.Array) -> np.ndarray:
-    """Fan-in (active inputs) of every neuron of one kernel mask (neuron = last axis, as in the core)."""
-    m = np.asarray(mask)
-    if m.ndim < 2:
-        raise ValueError(f"expected a kernel mask with >= 2 dims, got shape {m.shape}")
-    return np.asarray(_core_neuron_fan_in(jnp.asarray(m, bool)))
 
 
 def fan_in_by_layer(masks: Any, plans: Mapping[str, LayerPlan]) -> dict[str, np.ndarray]:

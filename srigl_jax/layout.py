@@ -11,8 +11,9 @@ shape and says how to declare it, never a guess):
   ``out`` and in-projections sit side by side with consistent shapes (``nn.MultiHeadDotProductAttention``,
   ``nnx.MultiHeadAttention``); or a 1-D conv ``(window, in, out)`` when the owning module's name contains "conv".
   Anything else with 3 axes (e.g. a Dense stacked by ``nn.scan``: ``(layers, in, out)``) must be declared.
-* 4 or more axes: a Flax Conv kernel ``(*window, in, out)``. A stacked kernel must be declared
-  (``stack_axes``); a stacked 1-D conv ``(layers, window, in, out)`` cannot be told from a 2-D conv by shape.
+* 4 axes: a Flax 2-D Conv kernel ``(kh, kw, in, out)``, the one default by shape alone (a stacked 1-D conv
+  ``(layers, window, in, out)`` has the same rank and must be declared with ``stack_axes``).
+* 5 or more axes: a stacked 2-D conv ``(layers, kh, kw, in, out)`` or a 3-D conv: must be declared.
 
 Declarations (regexes searched in the leaf path; axes index the full leaf, negative allowed):
 ``stack_axes={regex: axis or axes}`` marks axes whose slices are separate layers, and
@@ -176,8 +177,14 @@ def infer_layouts(
             neurons, kind = tuple(unstacked[-2:]), "attention_in"
         elif attention.get(path) == "attention_out":
             neurons, kind = (unstacked[-1],), "attention_out"
-        elif len(unstacked) >= 4 or (len(unstacked) == 3 and re.search("(?i)conv", _module_of(path)[1])):
+        elif len(unstacked) == 4 or (len(unstacked) == 3 and re.search("(?i)conv", _module_of(path)[1])):
             neurons, kind = (unstacked[-1],), "conv"
+        elif len(unstacked) >= 5 and path not in lenient:
+            raise ValueError(
+                f"cannot tell the layout of {path!r} with shape {shape}: {len(unstacked)} axes could be a Conv "
+                f"stacked by nn.scan / nnx.vmap (layers, *window, in, out) or a {len(unstacked) - 2}-D conv "
+                f"(*window, in, out). Declare it: stack_axes={{{path!r}: 0}} for stacked layers, or "
+                f"neuron_axes={{{path!r}: -1}} for one conv (neurons last, the rest fan-in).")
         elif len(unstacked) < 2:
             raise ValueError(f"{path!r} {shape}: after the stack axes {stack} fewer than 2 axes remain; a layer "
                              "needs fan-in and neuron axes")

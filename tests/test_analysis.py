@@ -204,8 +204,6 @@ def test_fan_in_by_layer_and_histogram_constant_vs_unstructured():
     m_abl = jax.tree.map(lambda m: m, m_s)
     m_abl["fc1"]["kernel"] = m_abl["fc1"]["kernel"].at[:, 5].set(False)
     assert A.fan_in_by_layer(m_abl, plans)["fc1/kernel"][5] == 0
-    with pytest.raises(ValueError, match=">= 2 dims"):
-        A.neuron_fan_in(np.ones(3, bool))
 
 
 def test_itop_rate_curve_counts_positions_ever_active():

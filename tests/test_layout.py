@@ -45,6 +45,15 @@ def test_ambiguous_and_bad_declarations_are_errors():
         infer_layouts({"attn/query/kernel": (4, 16, 16), "attn/out/kernel": (4, 16, 16)})
     assert infer_layouts({"attn/query/kernel": (4, 16, 16), "attn/out/kernel": (4, 16, 16)},
                          stack_axes={"attn/": 0})["attn/query/kernel"].kind == "dense"
+    # A Conv stacked by nn.scan, (layers, kh, kw, in, out), has the rank of a 3-D conv: not one layer of fan-in
+    # 288 by guess, an error offering both declarations; either declaration is then taken as given.
+    with pytest.raises(ValueError, match=r"'ScanBlock_0/Conv_0/kernel' with shape \(4, 3, 3, 8, 8\).*stack_axes.*"
+                                         r"neuron_axes"):
+        infer_layouts({"ScanBlock_0/Conv_0/kernel": (4, 3, 3, 8, 8)})
+    stacked = infer_layouts({"b/Conv_0/kernel": (4, 3, 3, 8, 8)}, stack_axes={"b/": 0})["b/Conv_0/kernel"]
+    assert (stacked.kind, stacked.n_slices, stacked.fan_in, stacked.n_neurons) == ("conv", 4, 72, 8)
+    conv3d = infer_layouts({"b/Conv_0/kernel": (4, 3, 3, 8, 8)}, neuron_axes={"b/": -1})["b/Conv_0/kernel"]
+    assert (conv3d.n_slices, conv3d.fan_in, conv3d.n_neurons) == (1, 288, 8)
     with pytest.raises(ValueError, match="match no sparse-candidate"):
         infer_layouts({"Dense_0/kernel": (3, 4)}, stack_axes={"blocks": 0})
     with pytest.raises(ValueError, match="several regexes"):
@@ -300,6 +309,21 @@ def test_vit_block_with_sparse_densegeneral_projections_keeps_constant_fan_in():
     o = np.asarray(masks["attn"]["out"]["kernel"])
     assert set(o.sum(axis=(0, 1)).tolist()) == {plans["attn/out/kernel"].k0}
     assert constant_fan_in_violations(params, masks, plans) == []
+
+
+def test_nnx_multi_head_attention_projections_are_recognised():
+    """NNX's own attention module: q/k/v (in, heads, head_dim) with neurons = the (head, dim) outputs and the
+    out-projection (heads, head_dim, out) with fan-in heads * head_dim, without declarations."""
+    attn = nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32, decode=False, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(attn, nnx.Param))
+    assert params["query"]["kernel"].shape == (32, 4, 8) and params["out"]["kernel"].shape == (4, 8, 32)
+    plans = sj.SRigL(sparsity=0.8, distribution="uniform_sparse", t_end=4, dense_paths=(),
+                     ablation_exempt=()).layer_plans(params)
+    for name in ("query", "key", "value"):
+        layout = plans[f"{name}/kernel"].layout
+        assert (layout.kind, layout.fan_in, layout.n_neurons, layout.neuron_axes) == ("attention_in", 32, 32, (1, 2))
+    out = plans["out/kernel"].layout
+    assert (out.kind, out.fan_in, out.n_neurons, out.neuron_axes) == ("attention_out", 32, 32, (2,))
 
 
 # ------------------------------------------------------------------------------------------ FanIn(k)

@@ -70,6 +70,32 @@ def test_regrowth_by_hand():
     assert np.flatnonzero(np.asarray(new[:, 0])).tolist() == [0, 1, 4, 5]
 
 
+def test_ablated_neuron_is_emptied_and_survivors_keep_n_per_block_by_hand():
+    """2:4 over 8 inputs, 4 neurons (k = 4, T = 16, theta = max(1, floor(0.3 * 4)) = 1, at least
+    T // 8 + 1 = 3 survivors). d = 0.5: n_prune = 8, n_keep = 8. Neuron 3 holds the 4 smallest |w| (none among the
+    8 kept) and zero gradient (none among the 8 largest |g|): 0 salient weights < theta, so it is ablated and
+    regrows nothing, while neurons 0-2 each keep their top weights and refill every block to exactly 2."""
+    mask = np.zeros((8, 4), bool)
+    mask[[0, 1, 4, 5], :] = True                       # 2 per block for every neuron
+    w = np.where(mask, 1.0 + np.arange(32, dtype=np.float32).reshape(8, 4), 0.0)
+    w[:, 3] = np.where(mask[:, 3], 0.01, 0.0)         # neuron 3: the smallest weights
+    g = np.zeros((8, 4), np.float32)
+    g[[2, 3, 6, 7], :3] = 10.0 + np.arange(12, dtype=np.float32).reshape(4, 3)   # free positions of neurons 0-2
+    plan = LayerPlan("kernel", (8, 4), 0.5, ablatable=True)
+    assert (plan.nnz_budget, plan.k0, plan.min_active) == (16, 4, 3)
+    view = LayerView(jnp.asarray(w), jnp.asarray(g), jnp.asarray(mask), jnp.float32(0.5))
+    new = np.asarray(NMRule(2, 4, gamma_sal=0.3).update_mask(view, plan, jax.random.key(0)))
+    assert not new[:, 3].any()                                  # ablated: empty, nothing regrown
+    assert (per_block(new[:, :3], 4) == 2).all()                # survivors: exactly N per block
+    # survivors keep 8 of their 12 weights (the largest |w|: rows 4, 5 of every survivor, and rows 0-1 of
+    # neurons 1-2 / row 1 of neuron 0, by value), and regrow the rest of each block from the largest |grad|
+    assert new[[4, 5], :3].all()
+    assert int(new[:, :3].sum()) == 12
+    # with ablation off, the same layer keeps neuron 3 (it refills it to 2 per block)
+    new_off = np.asarray(NMRule(2, 4, gamma_sal=None).update_mask(view, plan, jax.random.key(0)))
+    assert (per_block(new_off, 4) == 2).all()
+
+
 def test_errors():
     with pytest.raises(ValueError, match="n must be < m"):
         sj.NM(n=4, m=4, t_end=10)

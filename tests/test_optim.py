@@ -175,6 +175,27 @@ def test_grown_weights_leave_the_update_step_at_zero_with_zero_state(name):
             assert (np.asarray(leaf)[grown] == 0).all()
 
 
+def test_step_lands_grown_weights_on_zero_even_if_params_were_not():
+    """The update step of ``sparse_step`` (behind both ``sparse_optimizer`` and ``sparse_apply``) with params that
+    hold nonzero values off the mask (e.g. dense weights loaded under sparse masks): grown weights come out exactly
+    0 (they start at 0 and SGD gives them no gradient on this step), dropped and inactive ones exactly 0, kept ones
+    p - lr * g. Growing onto the stale value would leave p there."""
+    lr = 0.1
+    algo = sj.SRigL(sparsity=0.5, distribution="uniform", delta_t=1, t_end=10, gamma_sal=None)
+    key = jax.random.key(0)
+    params = jax.tree.map(lambda p: p + 3.0, tiny_params())     # nonzero everywhere, on and off the mask
+    masks = algo.init_masks(params, key)
+    grads = mse_grads(params, 1)
+    res = sj.sparse_apply(algo, optax.sgd(lr), params, optax.sgd(lr).init(params), masks, grads, key, jnp.int32(1))
+    assert bool(res.info.updated)
+    for layer in ("Dense_0", "Dense_1"):
+        p, g = np.asarray(params[layer]["kernel"]), np.asarray(grads[layer]["kernel"])
+        old, new = np.asarray(masks[layer]["kernel"]), np.asarray(res.masks[layer]["kernel"])
+        assert (new & ~old).any()
+        want = np.where(new & old, p - np.float32(lr) * g, 0.0)
+        np.testing.assert_allclose(res.params[layer]["kernel"], want, rtol=1e-6, atol=0)
+
+
 def test_clipping_sees_only_active_gradients():
     algo = sj.Static(sparsity=0.5, distribution="uniform")
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0), sj.apply_masks())
