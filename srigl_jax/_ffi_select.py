@@ -71,8 +71,6 @@ def usable() -> bool:
             and bool(_COUNTS_TARGET.load()["ok"]))
 
 
-
-
 def _ffi_call(score, eligible, n, per_column: bool):
     call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(score.shape, jnp.bool_), vmap_method="sequential")
     return call(score.astype(jnp.float32), eligible.astype(bool), n.astype(jnp.int32),

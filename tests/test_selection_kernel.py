@@ -83,15 +83,15 @@ def test_kernel_on_a_large_layer_split_over_threads():
             np.testing.assert_array_equal(_kernel(score, eligible, n, per_column), want)
 
 
-def _compiled(fn, args, monkeypatch, force_xla):
+def _compiled(fn, args, monkeypatch, force_xla, target=_ffi_select.TARGET_NAME):
     """``fn`` compiled with the kernel, or with the XLA formulation (the switch is read when tracing, so every call
-    traces anew: jit caches traces per function). Checks which one the compiled program calls."""
+    traces anew: jit caches traces per function). Checks which one the compiled program calls (``target``)."""
     if force_xla:
         monkeypatch.setenv(FORCE_XLA_ENV, "1")
     else:
         monkeypatch.delenv(FORCE_XLA_ENV, raising=False)
     compiled = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
-    assert (_ffi_select.TARGET_NAME in compiled.as_text()) == (not force_xla)
+    assert (target in compiled.as_text()) == (not force_xla)
     return compiled
 
 
@@ -145,17 +145,18 @@ def test_vmapped_selections_and_counts_equal_slice_by_slice(batch, rows, cols, s
     n = np.int32(rng.integers(0, rows * cols + 1))
     cases = (
         (jax.vmap(selection.column_top_count_mask, in_axes=(0, None, 0)), (score, eligible, counts),
-         [_ffi_select.reference_select(score[b], eligible, counts[b], True) for b in range(batch)]),
+         [_ffi_select.reference_select(score[b], eligible, counts[b], True) for b in range(batch)],
+         _ffi_select.TARGET_NAME),
         (jax.vmap(selection.top_n_mask, in_axes=(0, None, None)), (score, eligible, n),
-         [_ffi_select.reference_select(score[b], eligible, np.array([n]), False) for b in range(batch)]),
+         [_ffi_select.reference_select(score[b], eligible, np.array([n]), False) for b in range(batch)],
+         _ffi_select.TARGET_NAME),
         (jax.vmap(jax.vmap(selection.column_counts)), ((score > 1.0).reshape(batch, 1, rows, cols),),
-         [(score[b] > 1.0).sum(axis=0)[None] for b in range(batch)]),
+         [(score[b] > 1.0).sum(axis=0)[None] for b in range(batch)], _ffi_select.COUNTS_TARGET_NAME),
     )
     with pytest.MonkeyPatch.context() as monkeypatch:
-        for fn, args, want in cases:
+        for fn, args, want, target in cases:
             for force_xla in (False, True):
-                monkeypatch.setenv(FORCE_XLA_ENV, "1") if force_xla else monkeypatch.delenv(FORCE_XLA_ENV, False)
-                got = jax.jit(lambda *a, fn=fn: fn(*a))(*args)
+                got = _compiled(fn, args, monkeypatch, force_xla, target)(*args)
                 np.testing.assert_array_equal(got, np.stack(want))
 
 
