@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srigl_jax import _ffi_kernels
-from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla, extract_patches
+from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla, extract_patches, require_layer
 
 CONV_TARGET_NAME = "srigl_condensed_conv2d"
 Padding = Union[str, Sequence[tuple[int, int]]]
@@ -242,6 +242,7 @@ def condensed_conv2d(x, layer: CondensedLinear, window: Sequence[int], strides: 
     backend: "auto" (the C++ kernel on CPU when it can run these operands, else XLA), "ffi" (error if it
     cannot) or "xla". padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
     """
+    require_layer(layer, "condensed_conv2d")
     if backend not in ("auto", "ffi", "xla"):
         raise ValueError(f"backend must be 'auto', 'ffi' or 'xla', got {backend!r}")
     if backend == "ffi" or (backend == "auto" and unsupported_reason(x, layer) == ""

@@ -162,6 +162,29 @@ def test_wrong_input_width_is_an_error():
         condensed_linear(jnp.ones((1, 5)), layer)
 
 
+def test_exported_variables_run_through_from_variables_and_a_bare_dict_is_a_type_error():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((12, 5), bool)
+    for n in (0, 2, 4):  # neurons 1 and 3 ablated, fan-in 3
+        mask[rng.choice(12, 3, replace=False), n] = True
+    params = {"fc": {"kernel": jnp.asarray(rng.standard_normal((12, 5)) * mask, jnp.float32),
+                     "bias": jnp.asarray(rng.standard_normal(5), jnp.float32)}}
+    exported = export_condensed(params, {"fc": {"kernel": jnp.asarray(mask), "bias": jnp.ones(5, bool)}})["fc"]
+    x = jnp.asarray(rng.standard_normal((3, 12)), jnp.float32)
+    want = x @ params["fc"]["kernel"] + params["fc"]["bias"]
+    for backend in ("xla", "auto"):
+        with pytest.raises(TypeError, match="CondensedLinear.from_variables"):
+            condensed_linear(x, exported, backend=backend)
+        layer = CondensedLinear.from_variables(exported, in_features=12)
+        np.testing.assert_allclose(condensed_linear(x, layer, backend=backend), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="condensed_conv2d: layer must be a CondensedLinear"):
+        condensed_conv(jnp.ones((1, 4, 4, 3)), exported, (2, 2))
+    with pytest.raises(KeyError, match="missing \\['active'\\]"):
+        CondensedLinear.from_variables({k: v for k, v in exported.items() if k != "active"}, 12)
+    with pytest.raises(ValueError, match="values and indices"):
+        CondensedLinear.from_variables({**exported, "indices": exported["indices"][:, :2]}, 12)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, isa):
     monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)

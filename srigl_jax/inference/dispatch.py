@@ -12,7 +12,7 @@ import jax
 
 from srigl_jax import _ffi_conv, _ffi_kernels
 from srigl_jax._ffi_kernels import FORCE_XLA_ENV
-from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla
+from srigl_jax.inference.ops import CondensedLinear, condensed_linear_xla, require_layer
 
 Array = jax.Array
 BACKENDS = ("auto", "xla", "ffi")
@@ -31,6 +31,7 @@ def condensed_linear(x: Array, layer: CondensedLinear, *, backend: str = "auto")
     backend: "auto" (the FFI kernel on CPU when available, else XLA), "xla", or "ffi" (error if unavailable).
     Set the environment variable SRIGL_JAX_CONDENSED_FORCE_XLA=1 to make "auto" use XLA.
     """
+    require_layer(layer, "condensed_linear")
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"condensed_linear: x has {x.shape[-1]} features, layer expects {layer.in_features}")
     if backend not in BACKENDS:

@@ -186,8 +186,6 @@ def _prepare_condensed(kernel, mask, bias, call):
     return condensed_variables(condense_kernel(as_matrix(kernel), as_matrix(mask), bias))
 
 
-def _layer(v: dict[str, Array], in_features: int) -> CondensedLinear:
-    return CondensedLinear(v["values"], v["indices"], v["bias"], v["active"], in_features, int(v["bias"].shape[0]))
 
 
 def _condensed_apply(backend: str):
@@ -196,10 +194,10 @@ def _condensed_apply(backend: str):
             x4, batch = _nhwc(x, call)
             pads = conv_padding_pairs(x4.shape[1:3], call.window, call.strides, call.padding)
             patches = extract_patches(x4, call.window, call.strides, pads)
-            y = condensed_linear(patches, _layer(v, patches.shape[-1]), backend=backend)
+            y = condensed_linear(patches, CondensedLinear.from_variables(v, patches.shape[-1]), backend=backend)
             return y.reshape(*batch, *y.shape[1:])
         x2 = _flat_in(x, call)
-        return condensed_linear(x2, _layer(v, x2.shape[-1]), backend=backend)
+        return condensed_linear(x2, CondensedLinear.from_variables(v, x2.shape[-1]), backend=backend)
     return apply
 
 
@@ -224,7 +222,8 @@ def _direct_conv_apply(backend: str):
     def apply(v, x, call):
         x4, batch = _nhwc(x, call)
         pads = conv_padding_pairs(x4.shape[1:3], call.window, call.strides, call.padding)
-        y = conv(x4, _layer(v, math.prod(call.window) * x4.shape[-1]), call.window, call.strides, pads)
+        layer = CondensedLinear.from_variables(v, math.prod(call.window) * x4.shape[-1])
+        y = conv(x4, layer, call.window, call.strides, pads)
         return y.reshape(*batch, *y.shape[1:])
     return apply
 

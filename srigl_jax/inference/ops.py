@@ -8,7 +8,7 @@ A constant fan-in layer in condensed form stores ``values`` (n_active, k) and ``
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,28 @@ class CondensedLinear:
     in_features: int = struct.field(pytree_node=False)
     out_features: int = struct.field(pytree_node=False)
 
+    @classmethod
+    def from_variables(cls, variables: "Mapping[str, Array]", in_features: int) -> "CondensedLinear":
+        """The layer stored as ``{values, indices, bias, active}`` (one entry of ``export_condensed``, or a
+        condensed module's variables) with ``in_features`` inputs; ``out_features`` is the bias width.
+
+        >>> v = {"values": jnp.ones((2, 3)), "indices": jnp.zeros((2, 3), jnp.int16), "bias": jnp.zeros(4),
+        ...      "active": jnp.array([0, 2], jnp.int32)}
+        >>> layer = CondensedLinear.from_variables(v, in_features=5)
+        >>> layer.fan_in, layer.n_active, layer.out_features
+        (3, 2, 4)
+        """
+        missing = [name for name in ("values", "indices", "bias", "active") if name not in variables]
+        if missing:
+            raise KeyError(f"a condensed layer needs values, indices, bias and active; missing {missing}")
+        values, indices, bias, active = (variables[n] for n in ("values", "indices", "bias", "active"))
+        if values.ndim != 2 or indices.shape != values.shape:
+            raise ValueError(f"values and indices must both be (n_active, k); got {values.shape} and {indices.shape}")
+        if active.shape != values.shape[:1] or bias.ndim != 1 or bias.shape[0] < values.shape[0]:
+            raise ValueError(f"active must be (n_active,) = {values.shape[:1]} and bias (out_features >= n_active,); "
+                             f"got active {active.shape}, bias {bias.shape}")
+        return cls(values, indices, bias, active, int(in_features), int(bias.shape[0]))
+
     @property
     def fan_in(self) -> int:
         """k': the number of inputs of every active neuron."""
@@ -46,6 +68,15 @@ class CondensedLinear:
     @property
     def n_active(self) -> int:
         return int(self.values.shape[0])
+
+
+def require_layer(layer: object, caller: str) -> None:
+    """A TypeError, with the way to build one, when ``layer`` is not a :class:`CondensedLinear` (e.g. the
+    ``{values, indices, bias, active}`` dict that ``export_condensed`` stores: it lacks the input width)."""
+    if not isinstance(layer, CondensedLinear):
+        hint = (" (a dict of condensed variables: wrap it with CondensedLinear.from_variables(variables, "
+                "in_features))" if isinstance(layer, Mapping) else "")
+        raise TypeError(f"{caller}: layer must be a CondensedLinear, got {type(layer).__name__}{hint}")
 
 
 def index_dtype_for(in_features: int) -> np.dtype:
