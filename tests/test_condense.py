@@ -113,6 +113,17 @@ def test_measured_choice_on_a_small_resnet():
     assert_same(fast, model, variables, x, **EVAL)
 
 
+def test_measuring_shows_a_progress_bar_unless_asked_not_to(capsys):
+    model = MLP(hidden=(48, 24))
+    variables, masks, x = sparse_model(model, (4, 4, 1))
+    sj.condense(model, variables, masks, example=x, timing=FAST_TIMING)
+    bar = capsys.readouterr().err
+    assert "condense: timing kernels" in bar and "4/4" in bar, bar  # fc1, fc2, head, the whole-model check
+    sj.condense(model, variables, masks, example=x, timing=FAST_TIMING, progress=False)
+    sj.condense(model, variables, masks, kernels={".": "condensed_xla"})  # nothing measured: no bar
+    assert "condense" not in capsys.readouterr().err
+
+
 def test_small_vit_equals_apply():
     model = ViT(patch=4, dim=16, depth=2, num_heads=2, mlp_dim=32, num_classes=5)
     variables, masks, x = sparse_model(model, (8, 8, 3), ablate={"block0/mlp_fc1": [1, 2]},

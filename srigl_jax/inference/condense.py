@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx, struct
 from flax.linen import dtypes as linen_dtypes
 from flax.linen.linear import canonicalize_padding
+from tqdm.auto import tqdm
 
 from srigl_jax.inference.export import check_bool_mask, get_path, set_path
 from srigl_jax.inference.kernels import CONV, DENSE, KERNELS, LINEAR, LayerCall, LayerStats
@@ -514,8 +515,8 @@ def _decide(layer: _Layer, entry: _Seen | None, call: LayerCall | str, override:
 def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, example: Any,
                     apply_kwargs: Mapping[str, Any] | None, batch_size: int | None,
                     kernels: Mapping[str, str] | None, timing: Timing, check_model: bool,
-                    stack_axes: Mapping[str, Axes] | None, neuron_axes: Mapping[str, Axes] | None
-                    ) -> CondensedModel:
+                    stack_axes: Mapping[str, Axes] | None, neuron_axes: Mapping[str, Axes] | None,
+                    progress: bool) -> CondensedModel:
     variables = as_plain_dict(variables)
     if "params" not in variables:
         raise KeyError("variables has no 'params' collection (pass the dict model.init returned)")
@@ -526,16 +527,25 @@ def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, examp
     seen = _record_calls(model, variables, structs, apply_kwargs) if structs is not None else {}
     measured: dict = {}
     choices, model_params = [], variables["params"]
-    for path, layer in layers.items():
-        entry = seen.get(path)
-        call = entry.call if entry else _guess_call(layer)
-        choice = _decide(layer, entry, call, _override(path, kernels), structs is not None, timing, measured)
-        choices.append(choice)
-        if choice.kernel != DENSE.name:
-            model_params = set_path(model_params, path, _prepare(layer, choice.kernel, call))
-    fast = CondensedModel({**variables, "params": model_params}, model, tuple(choices))
-    if check_model and any(c.kernel != DENSE.name and c.times_us for c in choices):
-        fast = _check_whole_model(fast, variables, structs, apply_kwargs, timing)
+    # Measuring takes from seconds (an MLP) to minutes (ViT-B/16 at batch 256): one step per layer, one for the
+    # whole-model check; nothing is shown when there is nothing to measure.
+    bar = tqdm(total=len(layers) + int(check_model), desc="condense: timing kernels", unit="layer",
+               disable=not (progress and structs is not None), leave=False)
+    with bar:
+        for path, layer in layers.items():
+            bar.set_postfix_str(path, refresh=False)
+            entry = seen.get(path)
+            call = entry.call if entry else _guess_call(layer)
+            choice = _decide(layer, entry, call, _override(path, kernels), structs is not None, timing, measured)
+            choices.append(choice)
+            if choice.kernel != DENSE.name:
+                model_params = set_path(model_params, path, _prepare(layer, choice.kernel, call))
+            bar.update()
+        fast = CondensedModel({**variables, "params": model_params}, model, tuple(choices))
+        if check_model and any(c.kernel != DENSE.name and c.times_us for c in choices):
+            bar.set_postfix_str("whole model vs dense", refresh=False)
+            fast = _check_whole_model(fast, variables, structs, apply_kwargs, timing)
+        bar.update(bar.total - bar.n)
     return fast
 
 
@@ -679,7 +689,7 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
              apply_kwargs: Mapping[str, Any] | None = None, batch_size: int | None = None,
              kernels: Mapping[str, str] | None = None, timing: Timing = Timing(), check_model: bool = True,
              stack_axes: Mapping[str, Axes] | None = None, neuron_axes: Mapping[str, Axes] | None = None,
-             ) -> CondensedModel | nnx.Module:
+             progress: bool = True) -> CondensedModel | nnx.Module:
     """Run a trained constant fan-in model fast: every sparse layer by the kernel that is fastest for it.
 
     Linen: ``condense(model, variables, masks, example=x, apply_kwargs={"train": False})`` returns a
@@ -694,14 +704,15 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
       apply_kwargs: keyword arguments of the model call used for the abstract pass and the timings.
       batch_size: measure at this batch size (the leading axis of every example input is replaced).
       kernels: ``{regex: kernel name}`` (re.search on the layer path): "dense", "structured",
-        "condensed_ffi", "condensed_xla", "conv_patches_ffi", "conv_patches_xla", any registered kernel, or
-        "auto". A sparse layer the named kernel cannot run is an error; dense-mask layers run as they are.
+        "condensed_ffi", "condensed_xla", "conv_patches_ffi", "conv_patches_xla", "conv_direct_ffi",
+        "conv_direct_xla", any registered kernel (``KERNELS``), or "auto". A sparse layer the named kernel cannot run is an error; dense-mask layers run as they are.
       timing: repetitions, budget and the margin a kernel must beat dense by (:class:`Timing`).
       check_model: after the per-layer choice, time the whole model and fall back to dense if it is slower.
       stack_axes, neuron_axes: the layout declarations given to training (``sj.SRigL(stack_axes=...)``; see
         :mod:`srigl_jax.layout`), e.g. ``stack_axes={"blocks/": 0}`` for ``nn.scan`` / ``nnx.vmap`` blocks: each
         slice is condensed with its own active neurons and k', padded exactly to the largest slice, and the
         stacked variables replace the layer's params, so the model's scan runs them slice by slice.
+      progress: a progress bar (tqdm, on stderr or in the notebook) while the kernels are timed.
 
     Errors: a masks tree lacking a layer (KeyError naming the tree and path), non-boolean masks, a sparse
     kernel whose layout is ambiguous (a 3-D kernel: declare it as in training), a model layer that cannot be
@@ -723,4 +734,4 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
         raise TypeError("condense(linen_model, variables, masks): pass the variables and the masks")
     return _condense_linen(model, trees[0], trees[1], example=example, apply_kwargs=apply_kwargs,
                            batch_size=batch_size, kernels=kernels, timing=timing, check_model=check_model,
-                           stack_axes=stack_axes, neuron_axes=neuron_axes)
+                           stack_axes=stack_axes, neuron_axes=neuron_axes, progress=progress)
