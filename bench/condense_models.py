@@ -162,7 +162,8 @@ def main() -> None:
     timing = Timing(reps=3, budget_s=0.05) if args.quick else Timing(reps=args.layer_reps,
                                                                      budget_s=args.layer_budget_s)
     machine = {"cpu": cpu_report(), "platform": platform.platform(), "jax": jax.__version__,
-               "ffi_kernel": _ffi_kernels.kernel_isa(), **blas_env_report()}
+               "ffi_kernel": _ffi_kernels.kernel_isa(), "ffi_gather": _ffi_kernels.gather_formulation(),
+               **blas_env_report()}
     known = cases(args.quick)
     rows = []
     for name in args.models:

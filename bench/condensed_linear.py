@@ -67,6 +67,8 @@ def machine_info() -> dict:
         "jax": jax.__version__, "numpy": np.__version__, "jax_backend": jax.default_backend(),
         "blas": blas, **blas_env_report(),
         "ffi_kernel": _ffi_kernels.kernel_isa() or f"unavailable: {_ffi_kernels.unavailable_reason()}",
+        # how the kernel reads gathered (batch < 4) columns here: vector gathers or scalar loads (measured)
+        "ffi_gather": _ffi_kernels.gather_formulation(),
         "load_avg_start": os.getloadavg(),
     }
 
@@ -111,10 +113,11 @@ def in_jit_loop(layer_fn, applications: int):
     return jax.jit(run)
 
 
-def build_variants(kernel, mask, bias, alive, x_np, applications: int = 1):
+def build_variants(kernel, mask, bias, alive, x_np, applications: int = 1, gather_variants: bool = False):
     """(name -> zero-arg callable, the condensed layer). A callable runs the layer ``applications`` times:
     once (returning its output, for check_outputs), or JAX variants in one compiled loop (in_jit_loop) and
-    numpy as that many calls."""
+    numpy as that many calls. ``gather_variants``: also the one-thread kernel with each formulation of the
+    gathered columns forced (condensed_ffi_1t_vector, condensed_ffi_1t_scalar)."""
     x = jnp.asarray(x_np)
     w, b = jnp.asarray(kernel), jnp.asarray(bias)
     layer = condense_kernel(kernel, mask, bias)
@@ -158,6 +161,10 @@ def build_variants(kernel, mask, bias, alive, x_np, applications: int = 1):
         ffi_1t = compiled(with_env(_ffi_kernels.MAX_THREADS_ENV, "1", ffi_layer))
         variants["condensed_ffi"] = lambda: ffi(x, layer).block_until_ready()
         variants["condensed_ffi_1t"] = lambda: ffi_1t(x, layer).block_until_ready()
+        for mode in ("vector", "scalar") if gather_variants else ():
+            forced = compiled(with_env(_ffi_kernels.MAX_THREADS_ENV, "1",
+                                       with_env(_ffi_kernels.GATHER_ENV, mode, ffi_layer)))
+            variants[f"condensed_ffi_1t_{mode}"] = lambda forced=forced: forced(x, layer).block_until_ready()
     # unstructured baselines
     w_bcoo = sparse.BCOO.fromdense(w)
     w_bcsr = sparse.BCSR.fromdense(w.T)  # (out, in) rows: y^T = W^T x^T

@@ -12,6 +12,10 @@ its pure-XLA path. Environment:
       measured on a 2-vCPU VM; 0: always all threads)
   SRIGL_JAX_CONDENSED_ISA=name        cap the instruction-set variant: avx512, avx2 or generic (default: the
       best this CPU runs; a variant the CPU lacks is never used). For tests and comparisons.
+  SRIGL_JAX_CONDENSED_GATHER=mode     how the AVX2 / AVX-512 variants read the inputs of gathered columns (batch
+      < 4, the last < 4 columns of a batch): "vector" (vector gathers), "scalar" (scalar loads, four per vector
+      multiply-add), or "auto" (default: whichever the kernel measured faster on this CPU, once per process;
+      see gather_formulation). The two round differently (float32 sums in another order).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ MIN_THREAD_WORK_ENV = "SRIGL_JAX_CONDENSED_MIN_THREAD_WORK"
 DEFAULT_MIN_THREAD_WORK = 1 << 18
 ISA_ENV = "SRIGL_JAX_CONDENSED_ISA"
 ISA_LEVELS = {"generic": 0, "avx2": 1, "avx512": 2}
+GATHER_ENV = "SRIGL_JAX_CONDENSED_GATHER"
+GATHER_MODES = {"auto": 0, "vector": 1, "scalar": 2}
 _LIB_STEM = "_condensed_kernel"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -217,6 +223,34 @@ def _isa_level() -> int:
     return ISA_LEVELS[raw]
 
 
+def _gather_mode() -> int:
+    """The gathered-column formulation from SRIGL_JAX_CONDENSED_GATHER (0 auto, 1 vector, 2 scalar)."""
+    raw = os.environ.get(GATHER_ENV, "").strip().lower() or "auto"
+    if raw not in GATHER_MODES:
+        raise ValueError(f"{GATHER_ENV} must be one of {sorted(GATHER_MODES)}, got {raw!r}")
+    return GATHER_MODES[raw]
+
+
+def gather_formulation() -> str | None:
+    """How the kernel reads the inputs of gathered columns (batch < 4) under the current settings: 'vector'
+    (vector gathers) or 'scalar' (scalar loads); None if the kernel is unavailable.
+
+    With SRIGL_JAX_CONDENSED_GATHER unset or 'auto' this is what the kernel measured faster on this CPU (once
+    per process, for the ISA variant in use, as SRIGL_JAX_CONDENSED_ISA caps it): gathers are microcoded on
+    some CPUs and fast on others. The generic variant has no vector gathers: always 'scalar'.
+    """
+    state = _load()
+    if not state["ok"]:
+        return None
+    level = _isa_level()
+    if min(int(state["isa_level"]), level if level >= 0 else 99) == ISA_LEVELS["generic"]:
+        return "scalar"
+    mode = _gather_mode()
+    if mode == GATHER_MODES["auto"]:
+        return "scalar" if state["lib"].SriglCondensedScalarLoadsFaster(level) else "vector"
+    return "scalar" if mode == GATHER_MODES["scalar"] else "vector"
+
+
 def _ffi_call(x, values, indices, bias, active, out_features: int):
     call = jax.ffi.ffi_call(
         TARGET_NAME,
@@ -228,7 +262,7 @@ def _ffi_call(x, values, indices, bias, active, out_features: int):
     )
     return call(x, values, indices, bias.astype(jnp.float32), active.astype(jnp.int32),
                 max_threads=np.int64(_max_threads()), min_thread_work=np.int64(_min_thread_work()),
-                isa=np.int64(_isa_level()))
+                isa=np.int64(_isa_level()), gather=np.int64(_gather_mode()))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))

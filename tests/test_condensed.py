@@ -85,8 +85,10 @@ ISAS = _ffi_kernels.kernel_isas() or [pytest.param("none", marks=pytest.mark.ski
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("index_dtype", [jnp.int16, jnp.int32])
-def test_ffi_matches_xla_on_every_batch_panel(monkeypatch, isa, index_dtype):
+@pytest.mark.parametrize("gather", ["vector", "scalar"])
+def test_ffi_matches_xla_on_every_batch_panel(monkeypatch, isa, index_dtype, gather):
     monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)  # read when the function is traced
+    monkeypatch.setenv(_ffi_kernels.GATHER_ENV, gather)
     rng = np.random.default_rng(0)
     # 1100 inputs: three packing tasks, 1100 = 68 x 16 + 12 (scalar transpose remainder); k = 45: the vector
     # gather loops and their tails
@@ -101,6 +103,31 @@ def test_ffi_matches_xla_on_every_batch_panel(monkeypatch, isa, index_dtype):
         y_xla = condensed_linear(x, layer, backend="xla")
         np.testing.assert_allclose(np.asarray(y_ffi), np.asarray(y_xla), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(np.asarray(y_ffi), masked_dense(x, kernel, mask, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_auto_gather_runs_the_formulation_it_reports(monkeypatch, isa):
+    """'auto' is one of the two formulations bit for bit (they round differently), the one gather_formulation
+    names; a bad setting is an error."""
+    monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)
+    rng = np.random.default_rng(1)
+    kernel, mask, bias = random_constant_fan_in(rng, 3000, 64, 300, 0.2)
+    layer = condense_kernel(kernel, mask, bias)
+    x = rng.standard_normal((2, 3000)).astype(np.float32)
+    outputs = {}
+    for mode in ("vector", "scalar", "auto"):
+        monkeypatch.setenv(_ffi_kernels.GATHER_ENV, mode)
+        outputs[mode] = np.asarray(jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))(x, layer))
+        if mode != "auto":
+            np.testing.assert_allclose(outputs[mode], masked_dense(x, kernel, mask, bias), rtol=1e-5, atol=1e-4)
+    picked = _ffi_kernels.gather_formulation()
+    assert picked in ("vector", "scalar")
+    np.testing.assert_array_equal(outputs["auto"], outputs[picked])
+    if isa != "generic":  # the vector variants really have two formulations (the sums differ in order)
+        assert not np.array_equal(outputs["vector"], outputs["scalar"])
+    monkeypatch.setenv(_ffi_kernels.GATHER_ENV, "fast")
+    with pytest.raises(ValueError, match=_ffi_kernels.GATHER_ENV):
+        condensed_linear(x, layer, backend="ffi")
 
 
 @pytest.mark.parametrize("name", [_ffi_kernels.MAX_THREADS_ENV, _ffi_kernels.MIN_THREAD_WORK_ENV])
@@ -186,8 +213,10 @@ def test_exported_variables_run_through_from_variables_and_a_bare_dict_is_a_type
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, isa):
+@pytest.mark.parametrize("gather", ["vector", "scalar"])
+def test_ffi_rejects_out_of_range_indices_and_unsupported_dtypes(monkeypatch, isa, gather):
     monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)
+    monkeypatch.setenv(_ffi_kernels.GATHER_ENV, gather)
     # k = 40: a bad index in the vector gather loop (position 1) and in the tails (position 37); 18 neurons:
     # rows 0-15 are one 16-row group of the batch-1 gathers, rows 16-17 the rows after it
     layer = condense_kernel(np.ones((40, 18), np.float32), np.ones((40, 18), bool))
@@ -519,6 +548,10 @@ def test_batch1_bound_records_the_floor_or_why_not(tmp_path):
     assert (tmp_path / "batch1_bound_quick.png").stat().st_size > 0
     (row,) = json.loads((tmp_path / "batch1_bound_quick.json").read_text())["rows"]
     assert set(row["per_layer_median_us"]) >= {"dense_jnp", "dense_numpy", "condensed_xla"}
+    if _ffi_kernels.available():  # both formulations of the batch-1 product, each forced, and what auto picked
+        assert {"condensed_ffi_1t_vector", "condensed_ffi_1t_scalar"} <= set(row["per_layer_median_us"])
+        machine = json.loads((tmp_path / "batch1_bound_quick.json").read_text())["machine"]
+        assert machine["ffi_gather"] in ("vector", "scalar")
     assert all(us > 0 for us in row["per_layer_median_us"].values())
     assert ("gather_floor_us" in row) != ("gather_floor_unavailable" in row)
     # the kernel's ISA says the CPU has AVX-512; the floor then needs only a compiler

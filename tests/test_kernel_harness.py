@@ -57,6 +57,8 @@ def test_kernel_blocks_match_reference_under_sanitizers(harness, mode, seed):
     tested = out.split("variants:", 1)[1].split("\n", 1)[0].split()
     # every variant the package kernel runs on this CPU went through the harness
     assert set(_ffi_kernels.kernel_isas() or ["generic"]) <= set(tested), tested
+    # ... and with the gathered columns by scalar loads, the other batch-1 formulation of the vector variants
+    assert {f"{isa}+scalar-loads" for isa in _ffi_kernels.kernel_isas() if isa != "generic"} <= set(tested)
 
 
 @pytest.mark.slow

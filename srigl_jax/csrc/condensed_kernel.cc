@@ -6,6 +6,7 @@
 // shared_ptr so late-starting tasks never touch freed memory).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -56,22 +57,26 @@ namespace avx512 {
 #endif
 
 using BlockFn = bool (*)(bool, const float*, const float*, int64_t, int64_t, int64_t, const float*, const void*,
-                         int64_t, const int32_t*, const float*, float*, int64_t, int64_t);
+                         int64_t, const int32_t*, const float*, float*, int64_t, int64_t, bool);
 using PackFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
 
 struct Isa {
   BlockFn fn;
   PackFn pack;
+  bool (*scalar_loads_faster)();  // the batch-1 formulation this variant runs fastest here (measured once)
 };
 
 // Variants by level: 0 generic, 1 AVX2+FMA, 2 AVX-512 (F/VL/BW/DQ).
 static const Isa kIsas[] = {
-    {&generic::BlockAnyIndex, &generic::PackRange},
+    {&generic::BlockAnyIndex, &generic::PackRange, &generic::ScalarLoadsFaster},
 #ifdef SRIGL_HAVE_ISA_VARIANTS
-    {&avx2::BlockAnyIndex, &avx2::PackRange},
-    {&avx512::BlockAnyIndex, &avx512::PackRange},
+    {&avx2::BlockAnyIndex, &avx2::PackRange, &avx2::ScalarLoadsFaster},
+    {&avx512::BlockAnyIndex, &avx512::PackRange, &avx512::ScalarLoadsFaster},
 #endif
 };
+
+// The formulation of gathered columns (batch < 4, the last < 4 columns of a batch): the "gather" attribute.
+enum GatherMode : int64_t { kGatherAuto = 0, kGatherVector = 1, kGatherScalar = 2 };
 
 static int DetectIsaLevel() {
 #ifdef SRIGL_HAVE_ISA_VARIANTS
@@ -109,6 +114,7 @@ constexpr size_t kMaxKeptPackedFloats = size_t{1} << 24;
 struct Work {
   const Isa* isa;
   bool int16_indices;
+  bool scalar_loads;  // gathered columns by scalar loads instead of vector gathers
   const float* x;
   float* packed;
   int64_t n_in, batch;
@@ -143,7 +149,7 @@ struct Work {
       const int64_t o0 = (c % n_row_chunks) * rows_per_chunk;
       const int64_t o1 = std::min(n_out, o0 + rows_per_chunk);
       if (isa->fn(int16_indices, x, packed, n_in, batch, b0, values, indices, k, row_of.data(), bias, outT, o0,
-                  o1)) {
+                  o1, scalar_loads)) {
         bad_index.store(true, std::memory_order_relaxed);
       }
       done_chunks.fetch_add(1, std::memory_order_acq_rel);
@@ -154,7 +160,8 @@ struct Work {
 static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> values,
                                       ffi::AnyBuffer indices, ffi::Buffer<ffi::F32> bias,
                                       ffi::Buffer<ffi::S32> active, ffi::ResultBuffer<ffi::F32> out,
-                                      int64_t max_threads, int64_t min_thread_work, int64_t isa_level) {
+                                      int64_t max_threads, int64_t min_thread_work, int64_t isa_level,
+                                      int64_t gather_mode) {
   const auto xd = x.dimensions();
   const auto vd = values.dimensions();
   const auto id = indices.dimensions();
@@ -172,6 +179,9 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const ffi::DataType idx_type = indices.element_type();
   if (idx_type != ffi::DataType::S16 && idx_type != ffi::DataType::S32) {
     return ffi::Error::InvalidArgument("condensed_matmul: indices must be int16 or int32");
+  }
+  if (gather_mode != kGatherAuto && gather_mode != kGatherVector && gather_mode != kGatherScalar) {
+    return ffi::Error::InvalidArgument("condensed_matmul: gather must be 0 (auto), 1 (vector) or 2 (scalar)");
   }
   if (n_in > INT32_MAX) return ffi::Error::InvalidArgument("condensed_matmul: more than 2^31 inputs");
   if (n_in == 0 && k > 0 && n_active > 0) {  // every index is out of range, and there is no x[0] to clamp to
@@ -219,6 +229,9 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (work->n_panels > 0) packed.resize(static_cast<size_t>(batch * n_in) + kLineFloats);
   const size_t misalign = (reinterpret_cast<uintptr_t>(packed.data()) / sizeof(float)) % kLineFloats;
   work->packed = packed.data() + (misalign == 0 ? 0 : kLineFloats - misalign);
+  // Measured (once per process) only when this call has gathered columns at all.
+  work->scalar_loads = gather_mode == kGatherScalar ||
+                       (gather_mode == kGatherAuto && batch > panel_columns && work->isa->scalar_loads_faster());
   work->pack_per_panel = std::max<int64_t>(1, (n_in + kPackRows - 1) / kPackRows);
   work->n_pack = work->n_panels * work->pack_per_panel;
 
@@ -271,10 +284,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMa
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out, physically (out, B)
                                   .Attr<int64_t>("max_threads")
                                   .Attr<int64_t>("min_thread_work")
-                                  .Attr<int64_t>("isa"));
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("gather"));
 
 // The level of the best instruction-set variant this CPU runs (0, 1, 2; names in srigl_jax/_ffi_kernels.py).
 extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel(); }
+
+// 1 if the variant of this level (< 0: the best) runs gathered columns by scalar loads in "auto" mode (measuring
+// on first use), 0 if by vector gathers.
+extern "C" int SriglCondensedScalarLoadsFaster(int level) {
+  return srigl_condensed::GetIsa(level).scalar_loads_faster() ? 1 : 0;
+}
 
 // The condensed convolution (srigl_condensed_conv2d) shares the ISA copies and thread conventions above.
 #include "condensed_conv_ffi.inc"

@@ -64,6 +64,7 @@ struct Isa2 {
   const char* name;
   BlockFn fn;
   PackFn pack;
+  bool scalar;  // gathered columns by scalar loads (the other batch-1 formulation)
 };
 
 static int64_t rnd(int64_t lo, int64_t hi) {  // inclusive
@@ -231,7 +232,8 @@ static bool RunConfig(const Isa2* isas, int n_isas, bool verbose) {
     bool got_bad = false;
     for (size_t s = 0; s < starts.size(); ++s)
       for (auto& rg : ranges) {
-        got_bad |= isas[t].fn(i16, x, packed, n_in_c, B, starts[s], V, ai.p, k, ro, bias, outT, rg.first, rg.second);
+        got_bad |= isas[t].fn(i16, x, packed, n_in_c, B, starts[s], V, ai.p, k, ro, bias, outT, rg.first, rg.second,
+                              isas[t].scalar);
         ++n_calls;
       }
     if (got_bad != expect_bad) {
@@ -436,11 +438,18 @@ int main(int argc, char** argv) {
   g_mode = argc > 2 ? atoi(argv[2]) : 0;
   uint64_t seed = argc > 3 ? strtoull(argv[3], nullptr, 10) : 12345;
   rng.seed(seed);
-  std::vector<Isa2> isas = {{"generic", &generic::BlockAnyIndex, &generic::PackRange}};
+  std::vector<Isa2> isas = {{"generic", &generic::BlockAnyIndex, &generic::PackRange, false}};
 #ifdef SRIGL_HAVE_ISA_VARIANTS
-  // only the variants this CPU runs (the others would fault on an illegal instruction)
-  if (BestIsaLevel() >= 1) isas.push_back({"avx2", &avx2::BlockAnyIndex, &avx2::PackRange});
-  if (BestIsaLevel() >= 2) isas.push_back({"avx512", &avx512::BlockAnyIndex, &avx512::PackRange});
+  // only the variants this CPU runs (the others would fault on an illegal instruction), each with both
+  // formulations of the gathered columns (vector gathers, scalar loads)
+  if (BestIsaLevel() >= 1) {
+    isas.push_back({"avx2", &avx2::BlockAnyIndex, &avx2::PackRange, false});
+    isas.push_back({"avx2+scalar-loads", &avx2::BlockAnyIndex, &avx2::PackRange, true});
+  }
+  if (BestIsaLevel() >= 2) {
+    isas.push_back({"avx512", &avx512::BlockAnyIndex, &avx512::PackRange, false});
+    isas.push_back({"avx512+scalar-loads", &avx512::BlockAnyIndex, &avx512::PackRange, true});
+  }
   const bool ok = BestIsaLevel() >= 2 ? TestLaneSums() : true;
 #else
   const bool ok = true;
