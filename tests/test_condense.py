@@ -17,7 +17,7 @@ from srigl_jax import _ffi_kernels
 from srigl_jax.inference import KERNELS, CondensedDense, CondensedLinear, Timing, densify, export_condensed
 from srigl_jax.inference.layers import pad_slices
 from tests.test_layout import NNXStacked, ScannedMLP, scanned_mlp_trained_with_srigl
-from train.models import MLP, ResNet, SmallCNN, ViT, BasicBlock
+from train.models import MLP, ResNet, SmallCNN, ViT, BasicBlock, Bottleneck
 
 FAST_TIMING = Timing(reps=2, budget_s=0.05)  # the choice runs, its outcome is not asserted (shared CPUs)
 FFI = pytest.mark.skipif(not _ffi_kernels.available(), reason="C++ kernel unavailable")
@@ -86,6 +86,24 @@ def test_cnn_every_conv_kernel_equals_apply(kernel):
                        kernels={"stem|conv": kernel, "fc|head": "condensed_xla"})
     assert kinds(fast)["conv2"] == kernel
     assert_same(fast, model, variables, x)
+
+
+@pytest.mark.parametrize("kernel", ["conv_direct_xla", pytest.param("conv_direct_ffi", marks=FFI), "conv_patches_xla"])
+def test_resnet50_style_bottlenecks_equal_apply(kernel):
+    """train/models.py's ResNet-50 blocks (Bottleneck: 1x1 -> 3x3 strided -> 1x1 x4, projected shortcuts) behind
+    the ImageNet stem (7x7 stride 2, max-pool), narrow and short: every conv replaced, ablated neurons in the
+    middle of a block and on a block's output (before the residual add)."""
+    model = ResNet(stage_sizes=(1, 2), block=Bottleneck, width=4, cifar_stem=False)
+    variables, masks, x = sparse_model(model, (24, 24, 3),
+                                       ablate={"stage1_0/conv2": [1], "stage2_1/conv3": [0, 5], "stem": [3]})
+    fast = sj.condense(model, variables, masks, example=x, apply_kwargs=EVAL,
+                       kernels={"stem|conv|shortcut": kernel, "head": "condensed_xla"})
+    assert len(fast.choices) == 3 * 3 + 2 + 2  # 3 blocks of 3 convs, 2 projected shortcuts, stem, head
+    replaced = [c for c in fast.choices if c.kernel != "dense"]
+    assert {c.kernel for c in replaced} == {kernel, "condensed_xla"}
+    assert {c.path for c in fast.choices} - {c.path for c in replaced} <= {
+        c.path for c in fast.choices if c.reason == "dense mask"}  # ERK: only dense-mask layers run as written
+    assert_same(fast, model, variables, x, **EVAL)
 
 
 @pytest.mark.slow   # CI: the small ResNet below covers BatchNorm eval and residual adds
