@@ -11,6 +11,11 @@ dense median / condensed median (> 1: condensed faster). Outputs are checked aga
     python bench/condense_models.py            # full (ViT-B/16 at batch 256 dominates: about 20+ min on 2 cores)
     python bench/condense_models.py --quick    # smoke run (small models, seconds)
     python bench/condense_models.py --models mlp resnet18 --batches 1 64
+    python bench/condense_models.py --models mlp --batches 1 --steady 32   # also N forwards in one jit
+
+``--steady N`` also times N chained forwards inside one compiled loop (each input depends on the last output
+by an fp32-invisible nudge), dense and condensed alike, numpy as N calls: the per-call dispatch and cold start
+are paid once per N forwards, as for a model run inside a larger compiled program or called back to back.
 
 Writes bench/results/condense_models.json (with the CPU model, caches and load average).
 """
@@ -104,7 +109,19 @@ def interleaved(fns: dict, reps: int, before=None) -> dict[str, np.ndarray]:
     return {name: np.asarray(t) for name, t in interleaved_times(fns, reps, before).items()}
 
 
-def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing, cold: bool = False) -> dict:
+def chained(forward, n: int):
+    """jit of ``n`` forwards of ``forward(variables, x)``, each input nudged by 1e-30 x the last output (so XLA can
+    neither hoist nor merge them); returns the final input."""
+    def run(variables, x):
+        def body(_, x):
+            y = forward(variables, x)
+            return x.at[(0,) * x.ndim].add(1e-30 * y.reshape(-1)[0])
+        return jax.lax.fori_loop(0, n, body, x)
+    return jax.jit(run)
+
+
+def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing, cold: bool = False,
+             steady: int = 0) -> dict:
     model = case.build()
     variables, masks = sparse_variables(model, case.input_shape, sparsity, case.distribution)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *case.input_shape)), jnp.float32)
@@ -137,6 +154,19 @@ def run_case(case: Case, batch: int, reps: int, sparsity: float, timing: Timing,
     if "dense_numpy_ms" in row:
         row["speedup_vs_dense_numpy"] = med["dense_numpy"] / med["condensed"]
         row["speedup_vs_best_dense"] = min(med["dense_numpy"], med["dense_jnp"]) / med["condensed"]
+    if steady:  # n forwards per timed call, in one compiled loop: per-forward times
+        dense_loop = chained(lambda v, x: model.apply(v, x, **EVAL), steady)
+        fast_loop = chained(lambda v, x: fast.apply(v, x, **EVAL), steady)
+        loops = {"dense_jnp": lambda: dense_loop(variables, x).block_until_ready(),
+                 "condensed": lambda: fast_loop(fast.variables, x).block_until_ready()}
+        if "dense_numpy" in fns:
+            loops["dense_numpy"] = lambda: [forward(xn) for _ in range(steady)]
+        steady_med = {name: float(np.median(v)) / steady for name, v in interleaved(loops, reps).items()}
+        row["steady_forwards_per_call"] = steady
+        row.update({f"{name}_steady_ms": round(m * 1e3, 4) for name, m in steady_med.items()})
+        row["speedup_vs_dense_jnp_steady"] = steady_med["dense_jnp"] / steady_med["condensed"]
+        if "dense_numpy" in steady_med:
+            row["speedup_vs_dense_numpy_steady"] = steady_med["dense_numpy"] / steady_med["condensed"]
     if cold:  # the same calls with the caches evicted before each: weights (and activations) come from DRAM
         cold_med = {name: float(np.median(v)) for name, v in interleaved(fns, reps, before=evict_caches).items()}
         row.update({f"{name}_cold_ms": round(m * 1e3, 4) for name, m in cold_med.items()})
@@ -156,6 +186,8 @@ def main() -> None:
     ap.add_argument("--layer-budget-s", type=float, default=3.0, help="per-layer timing budget in condense")
     ap.add_argument("--cold", action="store_true",
                     help="also time every call with the caches evicted before it (weights from DRAM)")
+    ap.add_argument("--steady", type=int, default=0, metavar="N",
+                    help="also time N forwards per call inside one compiled loop (steady state)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "condense_models.json"))
     args = ap.parse_args()
     batches = args.batches or ([1, 4] if args.quick else [1, 64, 256])
@@ -170,9 +202,12 @@ def main() -> None:
         case = known[name]
         for batch in batches:
             reps = case.heavy_reps if batch == max(batches) else case.reps
-            row = run_case(case, batch, reps, args.sparsity, timing, args.cold)
+            row = run_case(case, batch, reps, args.sparsity, timing, args.cold, args.steady)
             rows.append(row)
             extra = f"  vs numpy {row['speedup_vs_dense_numpy']:.2f}x" if "speedup_vs_dense_numpy" in row else ""
+            if args.steady:
+                extra += (f"  steady state: dense {row['dense_jnp_steady_ms']:.3f} ms, condensed "
+                          f"{row['condensed_steady_ms']:.3f} ms, {row['speedup_vs_dense_jnp_steady']:.2f}x")
             if args.cold:
                 extra += (f"  cold caches: dense {row['dense_jnp_cold_ms']:.3f} ms, condensed "
                           f"{row['condensed_cold_ms']:.3f} ms, {row['speedup_vs_dense_jnp_cold']:.2f}x")

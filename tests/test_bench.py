@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def test_condense_models_benchmark_quick(tmp_path):
     """bench/condense_models.py --quick: whole (small) models through sj.condense, every row complete."""
     out = tmp_path / "condense_models.json"
     proc = run_bench("bench/condense_models.py", "--quick", "--models", "mlp", "resnet18", "--batches", "1",
-                     "--cold", "--out", str(out))
+                     "--cold", "--steady", "3", "--out", str(out))
     result = json.loads(out.read_text())
     assert "Model name" in result["machine"]["cpu"] and "L2 cache" in result["machine"]["cpu"]
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [("mlp", 1), ("resnet18", 1)]
@@ -57,6 +59,9 @@ def test_condense_models_benchmark_quick(tmp_path):
         assert row["dense_jnp_ms"] > 0 and row["condensed_ms"] > 0 and row["max_rel_err"] < 1e-4
         assert row["choices"] and all(c["kernel"] for c in row["choices"])
         assert row["dense_jnp_cold_ms"] > 0 and row["condensed_cold_ms"] > 0  # weights from DRAM (--cold)
+        assert row["steady_forwards_per_call"] == 3 and row["condensed_steady_ms"] > 0  # --steady: in one jit
+        assert row["speedup_vs_dense_jnp_steady"] == pytest.approx(  # the ms fields are rounded to 0.1 us
+            row["dense_jnp_steady_ms"] / row["condensed_steady_ms"], rel=0.05)
     assert result["rows"][0]["speedup_vs_dense_numpy"] > 0 and result["rows"][0]["dense_numpy_cold_ms"] > 0
     assert "x dense jnp" in proc.stdout
 
