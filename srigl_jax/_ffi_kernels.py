@@ -77,6 +77,16 @@ def _load() -> dict[str, object]:
         return _state
 
 
+_smoke_thread = threading.local()
+
+
+def _env(name: str) -> str:
+    """A kernel setting from the environment, stripped; '' (the default) in the smoke test's thread, so that a bad
+    value fails the caller's calls loudly (ValueError when traced) instead of making the library look unusable
+    for the whole process."""
+    return "" if getattr(_smoke_thread, "active", False) else os.environ.get(name, "").strip()
+
+
 def _smoke_test(check=None) -> None:
     """Run the kernel once on a tiny layer (catches a build against an incompatible jaxlib); ``check``: another
     check to run the same way instead (raises on a wrong answer).
@@ -87,6 +97,7 @@ def _smoke_test(check=None) -> None:
     outcome: list = []
 
     def run() -> None:
+        _smoke_thread.active = True  # default settings: a bad SRIGL_JAX_CONDENSED_* value is the caller's error
         try:
             with jax.default_device(jax.devices("cpu")[0]):  # the kernels are CPU targets, also on a GPU host
                 outcome.append((check or _smoke_result)())
@@ -188,7 +199,7 @@ def supports(x, values, indices) -> bool:
 
 def _non_negative_int_env(name: str, default: int) -> int:
     """An integer setting in [0, 2^62] (it travels to the kernel as int64)."""
-    raw = os.environ.get(name, "").strip()
+    raw = _env(name)
     if raw == "":
         return default
     try:
@@ -215,7 +226,7 @@ def _min_thread_work() -> int:
 
 def _isa_level() -> int:
     """The ISA cap from SRIGL_JAX_CONDENSED_ISA (-1: the best the CPU runs)."""
-    raw = os.environ.get(ISA_ENV, "").strip().lower()
+    raw = _env(ISA_ENV).lower()
     if raw in ("", "auto"):
         return -1
     if raw not in ISA_LEVELS:
@@ -225,7 +236,7 @@ def _isa_level() -> int:
 
 def _gather_mode() -> int:
     """The gathered-column formulation from SRIGL_JAX_CONDENSED_GATHER (0 auto, 1 vector, 2 scalar)."""
-    raw = os.environ.get(GATHER_ENV, "").strip().lower() or "auto"
+    raw = _env(GATHER_ENV).lower() or "auto"
     if raw not in GATHER_MODES:
         raise ValueError(f"{GATHER_ENV} must be one of {sorted(GATHER_MODES)}, got {raw!r}")
     return GATHER_MODES[raw]

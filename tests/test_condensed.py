@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 
 import flax.linen as nn
@@ -128,6 +129,51 @@ def test_auto_gather_runs_the_formulation_it_reports(monkeypatch, isa):
     monkeypatch.setenv(_ffi_kernels.GATHER_ENV, "fast")
     with pytest.raises(ValueError, match=_ffi_kernels.GATHER_ENV):
         condensed_linear(x, layer, backend="ffi")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("gather", ["vector", "scalar"])
+@pytest.mark.parametrize("n_in", [32767, 32768, 32769, 40000])
+def test_int16_indices_of_wide_layers_reject_negative_values(monkeypatch, isa, gather, n_in):
+    """int16 indices address inputs 0..32767 whatever the width: a negative one (which, read as 16 unsigned bits,
+    would be a valid input of a layer wider than 32768) is an error on every path; valid ones give the product."""
+    monkeypatch.setenv(_ffi_kernels.ISA_ENV, isa)
+    monkeypatch.setenv(_ffi_kernels.GATHER_ENV, gather)
+    rng = np.random.default_rng(n_in)
+    n_out, k = 20, 40
+    indices = np.stack([np.sort(rng.choice(min(n_in, 32768), k, replace=False)) for _ in range(n_out)])
+    layer = CondensedLinear(jnp.asarray(rng.standard_normal((n_out, k)), jnp.float32),
+                            jnp.asarray(indices, jnp.int16), jnp.zeros(n_out), jnp.arange(n_out, dtype=jnp.int32),
+                            in_features=n_in, out_features=n_out)
+    x = jnp.asarray(rng.standard_normal((1, n_in)), jnp.float32)
+    ffi = jax.jit(lambda x, layer: condensed_linear(x, layer, backend="ffi"))
+    np.testing.assert_allclose(ffi(x, layer), condensed_linear(x, layer, backend="xla"), rtol=1e-5, atol=1e-4)
+    for row, col, value in [(0, 5, -30000), (17, 20, -1), (3, 39, -32768)]:  # vector part; last 4; tail
+        bad = layer.replace(indices=layer.indices.at[row, col].set(value))
+        with pytest.raises(Exception, match="outside"):
+            jax.block_until_ready(ffi(x, bad))
+
+
+@pytest.mark.parametrize("env, value", [("SRIGL_JAX_CONDENSED_GATHER", "fast"), ("SRIGL_JAX_CONDENSED_ISA", "sse9"),
+                                        ("SRIGL_JAX_CONDENSED_MAX_THREADS", "-1")])
+def test_a_bad_setting_at_load_time_is_an_error_not_a_silent_fallback(env, value):
+    """The library's load-time smoke test runs with default settings: a bad value in the environment when the
+    kernel first loads does not mark it unusable (which would silently send "auto" to XLA for the whole process);
+    calls that read the setting raise instead."""
+    if not _ffi_kernels.available():
+        pytest.skip("C++ kernel unavailable")
+    code = textwrap.dedent(f"""
+        import jax.numpy as jnp, numpy as np, pytest
+        from srigl_jax import _ffi_kernels
+        from srigl_jax.inference import condense_kernel, condensed_linear
+        assert _ffi_kernels.available(), _ffi_kernels.unavailable_reason()
+        layer = condense_kernel(np.ones((8, 2), np.float32), np.ones((8, 2), bool))
+        with pytest.raises(ValueError, match="{env}"):
+            condensed_linear(jnp.ones((1, 8)), layer)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, env: value, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", [_ffi_kernels.MAX_THREADS_ENV, _ffi_kernels.MIN_THREAD_WORK_ENV])

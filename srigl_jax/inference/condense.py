@@ -528,7 +528,7 @@ def _condense_linen(model: nn.Module, variables: Params, masks: Params, *, examp
     measured: dict = {}
     choices, model_params = [], variables["params"]
     # Measuring takes from seconds (an MLP) to minutes (ViT-B/16 at batch 256): one step per layer, one for the
-    # whole-model check; nothing is shown when there is nothing to measure.
+    # whole-model check; nothing is shown without an example input (nothing is timed then).
     bar = tqdm(total=len(layers) + int(check_model), desc="condense: timing kernels", unit="layer",
                disable=not (progress and structs is not None), leave=False)
     with bar:

@@ -186,8 +186,6 @@ def _prepare_condensed(kernel, mask, bias, call):
     return condensed_variables(condense_kernel(as_matrix(kernel), as_matrix(mask), bias))
 
 
-
-
 def _condensed_apply(backend: str):
     def apply(v, x, call):
         if call.op == CONV:
