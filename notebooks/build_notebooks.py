@@ -225,8 +225,7 @@ def mlp_forward(layers, x):
     x = x.reshape(x.shape[0], -1)
     for i, p in enumerate(layers):
         if "values" in p:
-            layer = CondensedLinear(p["values"], p["indices"], p["bias"], p["active"], x.shape[-1], p["bias"].shape[0])
-            x = condensed_linear(x, layer)
+            x = condensed_linear(x, CondensedLinear.from_variables(p, in_features=x.shape[-1]))
         else:
             x = x @ p["kernel"] + p["bias"]
         x = jax.nn.relu(x) if i < len(layers) - 1 else x

@@ -291,10 +291,10 @@ def plot_study(study: Study, cell_list: list[dict], path: Path) -> Path:
         else:
             ax.set(xticks=range(len(sparsities)), xticklabels=[f"{s:g}" for s in sparsities], xlabel="sparsity",
                    ylabel=what, ylim=lim)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="lower left")
+            if ax is ax_acc and ax.get_legend_handles_labels()[0]:  # the colours mean the same in both panels
+                ax.legend(fontsize=7, loc="best", framealpha=0.9)  # "best": over the fewest bars and markers
     ax_acc.set_title("test accuracy (bars: mean; dots: seeds)")
-    ax_act.set_title("active neurons")
+    ax_act.set_title("active neurons (colours as on the left)")
     if rows:
         ax_act.set(yticklabels=[])
         extra = [h for h in ax_acc.get_legend_handles_labels()[0] if not hasattr(h, "patches")]  # dense, paper
