@@ -288,7 +288,8 @@ rn_vars = {**rn_vars, "params": rn_algo.init_params(rn_vars["params"], rn_masks,
 
 BATCHES = (1, 8) if SMALL else (1, 32)
 fast = {b: sj.condense(resnet, rn_vars, rn_masks, example=jax.ShapeDtypeStruct((b, *image), jnp.float32),
-                       apply_kwargs={"train": False}) for b in BATCHES}
+                       apply_kwargs={"train": False}, progress=False)  # no bar in the stored outputs
+        for b in BATCHES}
 print(fast[1].table())"""),
     ("code", """\
 dense_fn = jax.jit(lambda v, x: resnet.apply(v, x, train=False))
