@@ -13,6 +13,10 @@ dense median / condensed median (> 1: condensed faster). Outputs are checked aga
     python bench/condense_models.py --models mlp resnet18 --batches 1 64
     python bench/condense_models.py --models mlp --batches 1 --steady 32   # also N forwards in one jit
 
+``--sync-dispatch`` runs every call on the calling thread (``jax_cpu_enable_async_dispatch=False``): by default
+XLA:CPU hands a call whose HLO it estimates at >= 1000 flops to a worker thread (custom calls count as 0, so a
+condensed model with a ReLU between two kernels is handed off, a lone kernel call is not), and the hand-off and
+wake-up cost tens of microseconds per call on a small VM.
 ``--steady N`` also times N chained forwards inside one compiled loop (each input depends on the last output
 by an fp32-invisible nudge), dense and condensed alike, numpy as N calls: the per-call dispatch and cold start
 are paid once per N forwards, as for a model run inside a larger compiled program or called back to back.
@@ -186,15 +190,21 @@ def main() -> None:
     ap.add_argument("--layer-budget-s", type=float, default=3.0, help="per-layer timing budget in condense")
     ap.add_argument("--cold", action="store_true",
                     help="also time every call with the caches evicted before it (weights from DRAM)")
+    ap.add_argument("--sync-dispatch", action="store_true",
+                    help="jax_cpu_enable_async_dispatch=False: run each call on the calling thread (no hand-off to "
+                         "a worker thread and back; it applies to the dense model alike)")
     ap.add_argument("--steady", type=int, default=0, metavar="N",
                     help="also time N forwards per call inside one compiled loop (steady state)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "condense_models.json"))
     args = ap.parse_args()
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     batches = args.batches or ([1, 4] if args.quick else [1, 64, 256])
     timing = Timing(reps=3, budget_s=0.05) if args.quick else Timing(reps=args.layer_reps,
                                                                      budget_s=args.layer_budget_s)
     machine = {"cpu": cpu_report(), "platform": platform.platform(), "jax": jax.__version__,
                "ffi_kernel": _ffi_kernels.kernel_isa(), "ffi_gather": _ffi_kernels.gather_formulation(),
+               "cpu_async_dispatch": bool(jax.config.values["jax_cpu_enable_async_dispatch"]),
                **blas_env_report()}
     known = cases(args.quick)
     rows = []

@@ -51,9 +51,10 @@ def test_condense_models_benchmark_quick(tmp_path):
     """bench/condense_models.py --quick: whole (small) models through sj.condense, every row complete."""
     out = tmp_path / "condense_models.json"
     proc = run_bench("bench/condense_models.py", "--quick", "--models", "mlp", "resnet18", "--batches", "1",
-                     "--cold", "--steady", "3", "--out", str(out))
+                     "--cold", "--steady", "3", "--sync-dispatch", "--out", str(out))
     result = json.loads(out.read_text())
     assert "Model name" in result["machine"]["cpu"] and "L2 cache" in result["machine"]["cpu"]
+    assert result["machine"]["cpu_async_dispatch"] is False  # --sync-dispatch took effect
     assert [(r["model"], r["batch"]) for r in result["rows"]] == [("mlp", 1), ("resnet18", 1)]
     for row in result["rows"]:
         assert row["dense_jnp_ms"] > 0 and row["condensed_ms"] > 0 and row["max_rel_err"] < 1e-4
