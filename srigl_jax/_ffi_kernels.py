@@ -253,13 +253,8 @@ def gather_formulation() -> str | None:
     state = _load()
     if not state["ok"]:
         return None
-    level = _isa_level()
-    if min(int(state["isa_level"]), level if level >= 0 else 99) == ISA_LEVELS["generic"]:
-        return "scalar"
-    mode = _gather_mode()
-    if mode == GATHER_MODES["auto"]:
-        return "scalar" if state["lib"].SriglCondensedScalarLoadsFaster(level) else "vector"
-    return "scalar" if mode == GATHER_MODES["scalar"] else "vector"
+    # the kernel's own decision (condensed_kernel.cc, UsesScalarLoads), for the variant and mode it would run
+    return "scalar" if state["lib"].SriglCondensedScalarLoads(_isa_level(), _gather_mode()) else "vector"
 
 
 def _ffi_call(x, values, indices, bias, active, out_features: int):

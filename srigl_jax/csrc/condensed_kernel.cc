@@ -78,6 +78,14 @@ static const Isa kIsas[] = {
 // The formulation of gathered columns (batch < 4, the last < 4 columns of a batch): the "gather" attribute.
 enum GatherMode : int64_t { kGatherAuto = 0, kGatherVector = 1, kGatherScalar = 2 };
 
+// Whether `isa` reads gathered columns by scalar loads under gather_mode: the generic variant has nothing else;
+// "auto" measures which is faster (once per process, ScalarLoadsFaster). The kernel and the Python query
+// (SriglCondensedScalarLoads) both decide here.
+static bool UsesScalarLoads(const Isa& isa, int64_t gather_mode) {
+  if (&isa == &kIsas[0]) return true;
+  return gather_mode == kGatherAuto ? isa.scalar_loads_faster() : gather_mode == kGatherScalar;
+}
+
 static int DetectIsaLevel() {
 #ifdef SRIGL_HAVE_ISA_VARIANTS
   __builtin_cpu_init();
@@ -230,8 +238,7 @@ static ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   const size_t misalign = (reinterpret_cast<uintptr_t>(packed.data()) / sizeof(float)) % kLineFloats;
   work->packed = packed.data() + (misalign == 0 ? 0 : kLineFloats - misalign);
   // Measured (once per process) only when this call has gathered columns at all.
-  work->scalar_loads = gather_mode == kGatherScalar ||
-                       (gather_mode == kGatherAuto && batch > panel_columns && work->isa->scalar_loads_faster());
+  work->scalar_loads = batch > panel_columns && UsesScalarLoads(*work->isa, gather_mode);
   work->pack_per_panel = std::max<int64_t>(1, (n_in + kPackRows - 1) / kPackRows);
   work->n_pack = work->n_panels * work->pack_per_panel;
 
@@ -290,10 +297,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmul, srigl_condensed::CondensedMa
 // The level of the best instruction-set variant this CPU runs (0, 1, 2; names in srigl_jax/_ffi_kernels.py).
 extern "C" int SriglCondensedIsaLevel() { return srigl_condensed::BestIsaLevel(); }
 
-// 1 if the variant of this level (< 0: the best) runs gathered columns by scalar loads in "auto" mode (measuring
-// on first use), 0 if by vector gathers.
-extern "C" int SriglCondensedScalarLoadsFaster(int level) {
-  return srigl_condensed::GetIsa(level).scalar_loads_faster() ? 1 : 0;
+// 1 if the variant of this level (< 0: the best) reads gathered columns by scalar loads under gather_mode (the
+// "gather" attribute; "auto" measures on first use), 0 if by vector gathers.
+extern "C" int SriglCondensedScalarLoads(int level, int gather_mode) {
+  return srigl_condensed::UsesScalarLoads(srigl_condensed::GetIsa(level), gather_mode) ? 1 : 0;
 }
 
 // The condensed convolution (srigl_condensed_conv2d) shares the ISA copies and thread conventions above.

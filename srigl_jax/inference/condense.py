@@ -705,7 +705,8 @@ def condense(model: nn.Module | nnx.Module, *trees: Any, example: Any = None,
       batch_size: measure at this batch size (the leading axis of every example input is replaced).
       kernels: ``{regex: kernel name}`` (re.search on the layer path): "dense", "structured",
         "condensed_ffi", "condensed_xla", "conv_patches_ffi", "conv_patches_xla", "conv_direct_ffi",
-        "conv_direct_xla", any registered kernel (``KERNELS``), or "auto". A sparse layer the named kernel cannot run is an error; dense-mask layers run as they are.
+        "conv_direct_xla", any registered kernel (``KERNELS``), or "auto". A sparse layer the named kernel cannot
+        run is an error; dense-mask layers run as they are.
       timing: repetitions, budget and the margin a kernel must beat dense by (:class:`Timing`).
       check_model: after the per-layer choice, time the whole model and fall back to dense if it is slower.
       stack_axes, neuron_axes: the layout declarations given to training (``sj.SRigL(stack_axes=...)``; see

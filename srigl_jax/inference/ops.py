@@ -49,10 +49,11 @@ class CondensedLinear:
         >>> layer.fan_in, layer.n_active, layer.out_features
         (3, 2, 4)
         """
-        missing = [name for name in ("values", "indices", "bias", "active") if name not in variables]
+        names = ("values", "indices", "bias", "active")
+        missing = [name for name in names if name not in variables]
         if missing:
             raise KeyError(f"a condensed layer needs values, indices, bias and active; missing {missing}")
-        values, indices, bias, active = (variables[n] for n in ("values", "indices", "bias", "active"))
+        values, indices, bias, active = (variables[name] for name in names)
         if values.ndim != 2 or indices.shape != values.shape:
             raise ValueError(f"values and indices must both be (n_active, k); got {values.shape} and {indices.shape}")
         if active.shape != values.shape[:1] or bias.ndim != 1 or bias.shape[0] < values.shape[0]:
